@@ -1,0 +1,7 @@
+"""`python -m chipshift ...` (what `torchrun -m chipshift` runs)."""
+
+import sys
+
+from chipshift.cli import main
+
+sys.exit(main())

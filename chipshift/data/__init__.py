@@ -1,0 +1,1 @@
+"""Data: tokenizer, corpora and shards, chat and preference formatting."""

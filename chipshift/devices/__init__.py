@@ -1,0 +1,294 @@
+"""The device layer: the only device-aware code in chipshift.
+
+Ask it which device to use (`get_device`), what dtypes work there (probed with a tiny
+matmul, not read from a table), which collective backend `torch.distributed` should
+use, how to synchronize, seed and read memory, and what the chip's peak FLOP/s is.
+
+    dev = get_device("auto")          # or "cpu", "cuda:1", "npu", ... or $CHIPSHIFT_DEVICE
+    dev.compute_dtype()               # bfloat16 where it works, else float16, else float32
+    dev.collective                    # "gloo", "nccl", "hccl", ...
+    dev.peak_flops("bfloat16")        # from the chip catalogue, or a measured CPU probe
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+from chipshift.devices.backends import (
+    BACKENDS,
+    Backend,
+    detect,
+    get_backend,
+    import_plugin,
+    is_available,
+    known_types,
+    torch_namespace,
+)
+from chipshift.devices.catalogue import Chip, get_chip, load_catalogue, match_chip
+from chipshift.errors import DeviceError
+
+__all__ = [
+    "BACKENDS", "Backend", "Chip", "Device", "DTYPES", "get_device", "get_chip",
+    "load_catalogue", "match_chip", "known_types", "parse_dtype", "device_report",
+]
+
+ENV_VAR = "CHIPSHIFT_DEVICE"
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+    "float64": torch.float64, "fp64": torch.float64,
+}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise DeviceError(f"unknown dtype {name!r}; allowed: {', '.join(DTYPES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _cpu_rss_bytes(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+_CPU_PEAK_CACHE: dict[str, float] = {}
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024,
+                         seconds: float = 0.3, sync=lambda: None) -> float:
+    """Measured FLOP/s of an n x n matmul on `device` in `dtype` (best of a short run)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    torch.matmul(a, b, out=out)
+    sync()
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        for _ in range(4):
+            torch.matmul(a, b, out=out)
+        sync()
+        dt = time.perf_counter() - t0
+        best = max(best, 4 * 2 * n**3 / dt)
+    return best
+
+
+@dataclass
+class Device:
+    """One selected device and everything chipshift asks of it."""
+
+    type: str
+    index: int | None = None
+    backend: Backend = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.backend = get_backend(self.type)
+
+    # -- identity ----------------------------------------------------------------------
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.type if self.index is None else f"{self.type}:{self.index}")
+
+    def __str__(self) -> str:
+        return str(self.torch_device)
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.type == "cpu"
+
+    @property
+    def collective(self) -> str:
+        return self.backend.collective
+
+    @property
+    def ns(self):
+        return torch_namespace(self.type)
+
+    @cached_property
+    def name(self) -> str:
+        if self.is_cpu:
+            try:
+                with open("/proc/cpuinfo") as f:
+                    for line in f:
+                        if line.startswith("model name"):
+                            return line.split(":", 1)[1].strip()
+            except OSError:
+                pass
+            return "CPU"
+        return str(self.ns.get_device_name(self.index or 0))
+
+    @property
+    def count(self) -> int:
+        if self.is_cpu:
+            return 1
+        return int(self.ns.device_count())
+
+    @cached_property
+    def chip(self) -> Chip | None:
+        return None if self.is_cpu else match_chip(self.name, self.type)
+
+    # -- control -----------------------------------------------------------------------
+    def synchronize(self) -> None:
+        if not self.is_cpu:
+            self.ns.synchronize()
+
+    def manual_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)  # seeds the CPU and every registered accelerator
+        if not self.is_cpu and hasattr(self.ns, "manual_seed_all"):
+            self.ns.manual_seed_all(seed)
+
+    def set_current(self) -> None:
+        if not self.is_cpu and self.index is not None:
+            self.ns.set_device(self.index)
+
+    # -- memory ------------------------------------------------------------------------
+    def total_memory(self) -> int:
+        if self.is_cpu:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return int(self.ns.get_device_properties(self.index or 0).total_memory)
+
+    def memory_allocated(self) -> int:
+        """Bytes in use: the process's resident set on the CPU, the allocator's count elsewhere."""
+        if self.is_cpu:
+            return _cpu_rss_bytes("VmRSS")
+        return int(self.ns.memory_allocated(self.index or 0))
+
+    def max_memory_allocated(self) -> int:
+        if self.is_cpu:
+            return _cpu_rss_bytes("VmHWM")
+        return int(self.ns.max_memory_allocated(self.index or 0))
+
+    def reset_peak_memory(self) -> None:
+        if self.is_cpu:
+            try:  # writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0)
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+            return
+        self.ns.reset_peak_memory_stats(self.index or 0)
+
+    def empty_cache(self) -> None:
+        if not self.is_cpu and hasattr(self.ns, "empty_cache"):
+            self.ns.empty_cache()
+
+    # -- numerics ----------------------------------------------------------------------
+    def dtype_works(self, dtype: torch.dtype) -> bool:
+        """Probe: a tiny matmul in `dtype` must run and agree with float32."""
+        cache = self.__dict__.setdefault("_dtype_probe", {})
+        if dtype not in cache:
+            try:
+                g = torch.Generator().manual_seed(0)
+                a = torch.randn(16, 16, generator=g)
+                b = torch.randn(16, 16, generator=g)
+                want = a @ b
+                got = (a.to(self.torch_device, dtype) @ b.to(self.torch_device, dtype)).float().cpu()
+                tol = {torch.bfloat16: 0.15, torch.float16: 0.02}.get(dtype, 1e-3)
+                cache[dtype] = bool(torch.isfinite(got).all()) and bool(
+                    (got - want).abs().max() <= tol * want.abs().max()
+                )
+            except Exception:
+                cache[dtype] = False
+        return cache[dtype]
+
+    def working_dtypes(self) -> list[str]:
+        return [dtype_name(d) for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+                if self.dtype_works(d)]
+
+    def compute_dtype(self, override: str | None = None) -> tuple[torch.dtype, str]:
+        """The dtype a run computes in, and why: bf16 where it works, fp16, else fp32."""
+        if override and override != "auto":
+            dtype = parse_dtype(override)
+            if not self.dtype_works(dtype):
+                raise DeviceError(f"dtype {dtype_name(dtype)} does not work on {self} "
+                                  f"(working: {', '.join(self.working_dtypes())})")
+            return dtype, f"{dtype_name(dtype)} (set by the user)"
+        for dtype in (torch.bfloat16, torch.float16):
+            if not self.dtype_works(dtype):
+                continue
+            if self.is_cpu:
+                # Many CPUs (AVX2 without AVX512-BF16/AMX) emulate half precision and run it
+                # several times slower than float32: there, half precision saves nothing.
+                fast, slow = self.peak_flops(dtype)[0], self.peak_flops(torch.float32)[0]
+                if fast < 0.8 * slow:
+                    continue
+            return dtype, f"{dtype_name(dtype)} (the first of bfloat16, float16 that works fast on {self.type})"
+        if self.is_cpu:
+            return torch.float32, ("float32 (this CPU computes bfloat16/float16 slower than float32: "
+                                   f"{self.peak_flops(torch.bfloat16)[0] / 1e9:.0f} vs "
+                                   f"{self.peak_flops(torch.float32)[0] / 1e9:.0f} GFLOP/s)")
+        return torch.float32, "float32 (neither bfloat16 nor float16 works here)"
+
+    @property
+    def fused_adamw(self) -> bool:
+        return self.backend.fused_adamw
+
+    def peak_flops(self, dtype: torch.dtype | str = torch.bfloat16) -> tuple[float, str]:
+        """Peak FLOP/s and where the figure comes from (catalogue or a measured probe)."""
+        dtype = parse_dtype(dtype)
+        if self.chip is not None:
+            return self.chip.peak_flops(dtype_name(dtype)), f"catalogue: {self.chip.key} ({self.chip.status})"
+        key = f"{self}:{dtype}:{torch.get_num_threads()}"
+        if key not in _CPU_PEAK_CACHE:
+            n = (256 if dtype in (torch.bfloat16, torch.float16) else 1024) if self.is_cpu else 4096
+            _CPU_PEAK_CACHE[key] = measure_matmul_flops(self.torch_device, dtype, n=n, sync=self.synchronize)
+        return _CPU_PEAK_CACHE[key], f"measured: {dtype_name(dtype)} matmul probe"
+
+
+def get_device(spec: str | None = None) -> Device:
+    """Resolve `--device` / $CHIPSHIFT_DEVICE / auto-detection to a usable Device.
+
+    `spec` is a device type with an optional index ("npu", "cuda:1") or "auto".
+    """
+    spec = spec or os.environ.get(ENV_VAR) or "auto"
+    if spec == "auto":
+        spec = detect()
+    dev_type, _, idx = spec.partition(":")
+    backend = get_backend(dev_type)  # unknown name -> error listing the known ones
+    if idx and not idx.isdigit():
+        raise DeviceError(f"bad device {spec!r}: the index after ':' must be a number")
+    import_plugin(backend)  # missing plugin -> error naming the package
+    if not is_available(dev_type):
+        raise DeviceError(f"device {dev_type!r} ({backend.vendors}) is not available on this machine "
+                          f"(torch {torch.__version__})")
+    index = int(idx) if idx else None
+    if index is None and dev_type != "cpu" and "LOCAL_RANK" in os.environ:
+        index = int(os.environ["LOCAL_RANK"]) % max(1, int(torch_namespace(dev_type).device_count()))
+    dev = Device(dev_type, index)
+    if index is not None and dev_type != "cpu" and index >= dev.count:
+        raise DeviceError(f"device {spec!r} does not exist: {dev.count} {dev_type} device(s) present")
+    return dev
+
+
+def device_report(dev: Device) -> dict:
+    """What `chipshift devices` prints for one device type."""
+    peak, peak_source = dev.peak_flops(dev.compute_dtype()[0])
+    return {
+        "type": dev.type,
+        "name": dev.name,
+        "count": dev.count,
+        "memory_gb": round(dev.total_memory() / 1e9, 1),
+        "working_dtypes": dev.working_dtypes(),
+        "collective": dev.collective,
+        "catalogue": dev.chip.key if dev.chip else None,
+        "peak_tflops": round(peak / 1e12, 3),
+        "peak_source": peak_source,
+    }

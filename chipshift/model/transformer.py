@@ -1,0 +1,235 @@
+"""The chipshift decoder: one readable file for the Llama family.
+
+Architecture (pre-norm decoder-only transformer):
+  - token embedding, optionally tied to the output projection (`tie_embeddings`)
+  - per layer: RMSNorm -> grouped-query self-attention -> residual,
+               RMSNorm -> SwiGLU MLP (down(silu(gate(x)) * up(x))) -> residual
+  - attention: rotary position embeddings (RoPE, rotate-half layout as in Hugging Face,
+    with optional Llama-3 frequency scaling), `num_kv_heads` <= `num_heads` shared K/V
+    heads (GQA), optional bias on q/k/v (Qwen2); no bias elsewhere
+  - final RMSNorm, then the output projection to the vocabulary
+
+Parameter names follow Hugging Face's `LlamaForCausalLM` without the `model.` prefix
+(`layers.3.self_attn.q_proj.weight`), so the adapters in `chipshift.model.hf` stay thin.
+
+Two attention paths share one API and are tested against each other: `sdpa`
+(torch's `scaled_dot_product_attention`) and `math` (explicit matmul + softmax, which is
+faster on CPUs at short sequence lengths). Build on the meta device, then materialise
+and call `init_weights(seed)`: weights are drawn on the CPU from a seeded generator, so
+the same seed gives bit-identical weights on every device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from chipshift.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in float32 like the reference implementations, then scale in x's dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse RoPE frequencies (float32, CPU), with Llama-3 scaling when configured."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    s = cfg.rope_scaling
+    if s:
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_ctx = s["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        h = cfg.hidden_size
+        self.q_proj = nn.Linear(h, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(h, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(h, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, h, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask, cache, attn_impl: str) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # the cache stores this step's k/v and returns the full history
+            k, v = cache.update(self.layer_idx, k, v)
+        if attn_impl == "math":
+            y = _math_attention(q, k, v, attn_mask)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def _math_attention(q, k, v, attn_mask):
+    """softmax(q k^T / sqrt(d) + mask) v with GQA by reshaping q, never copying k/v."""
+    B, H, T, D = q.shape
+    KVH, S = k.shape[1], k.shape[2]
+    qg = q.reshape(B, KVH, H // KVH * T, D)
+    scores = (qg @ k.transpose(-1, -2)).view(B, KVH, H // KVH, T, S) * (1.0 / math.sqrt(D))
+    if attn_mask is None:
+        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if attn_mask.dim() == 4:  # (B or 1, 1, T, S) -> broadcast over kv-head groups
+        attn_mask = attn_mask.unsqueeze(1)
+    scores = scores.masked_fill(~attn_mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return (probs.view(B, KVH, H // KVH * T, S) @ v).view(B, H, T, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, attn_mask=None, cache=None, attn_impl="sdpa"):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache, attn_impl)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # float32 on purpose and not a buffer, so that `model.to(bfloat16)` cannot round it
+        self._inv_freq = rope_inv_freq(cfg)
+        self.attn_impl = "sdpa"  # or "math"; a runtime choice, not part of the checkpoint
+        self.activation_checkpointing = False
+
+    # -- weights -----------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Draw every weight on the CPU from one seeded generator, then copy it in place.
+
+        Linear and embedding weights ~ N(0, init_std); residual output projections
+        (o_proj, down_proj) scaled by 1/sqrt(2 * num_layers); norms 1, biases 0.
+        """
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                value = torch.ones(p.shape)
+            elif name.endswith(".bias"):
+                value = torch.zeros(p.shape)
+            else:
+                s = std / math.sqrt(2 * self.cfg.num_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                value = torch.empty(p.shape).normal_(0.0, s, generator=gen)
+            p.copy_(value.to(p.dtype))
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    # -- forward -----------------------------------------------------------------------
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of shape (B, 1, T, head_dim), computed in float32 then cast to `dtype`."""
+        with torch.autocast(positions.device.type, enabled=False):
+            if self._inv_freq.device != positions.device:
+                self._inv_freq = self._inv_freq.to(positions.device)
+            freqs = positions[..., None].float() * self._inv_freq
+            emb = torch.cat((freqs, freqs), dim=-1)
+            return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+    def forward_hidden(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
+                       attn_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                       cache=None) -> torch.Tensor:
+        """Final normalised hidden states (B, T, hidden).
+
+        positions:   (B, T) token positions for RoPE; default 0..T-1.
+        attn_mask:   bool (B or 1, 1, T, S), True = may attend; default causal.
+        segment_ids: (B, T) ids of packed documents; tokens attend causally within their
+                     own segment only (positions should restart per segment).
+        cache:       an object with `update(layer_idx, k, v) -> (k_all, v_all)`, used by the
+                     inference engine; pass the matching `attn_mask` with it.
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        if segment_ids is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+            same = segment_ids[:, :, None] == segment_ids[:, None, :]
+            attn_mask = (causal & same)[:, None]
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rope(positions, x.dtype if not torch.is_autocast_enabled(x.device.type)
+                             else torch.get_autocast_dtype(x.device.type))
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, attn_mask, cache, self.attn_impl, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, attn_mask, cache, self.attn_impl)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.output_weight)
+
+    def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Logits (B, T, vocab); keyword arguments as for `forward_hidden`."""
+        return self.logits(self.forward_hidden(input_ids, **kwargs))
+
+
+def build_model(cfg: ModelConfig, device="cpu", dtype: torch.dtype = torch.float32,
+                seed: int | None = 0) -> Transformer:
+    """Build on the meta device, materialise on `device`, and init (unless seed is None,
+    for a model whose weights are about to be loaded)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=device)
+    model._inv_freq = rope_inv_freq(cfg)
+    if seed is not None:
+        model.init_weights(seed)
+    return model.to(dtype)
