@@ -1,0 +1,360 @@
+"""The inference engine: static KV cache, separate prefill and decode, continuous batching.
+
+A request owns one cache slot from its prefill to its last token. Between two decode steps
+the scheduler drops cancelled requests, admits waiting ones into free slots (one prefill
+each, which also picks the request's first token) and then advances every running request
+by one token in a single batched forward pass. Each request keeps its own sampling settings
+in per-slot device tensors, so a greedy request and a top-p one share a step.
+
+The host reads the batch's new tokens once per step (it must: they are streamed to clients
+and checked against stop strings); sampling itself never waits on the host. The decode step
+can be compiled (`compile=True`): it then always runs all slots over the whole cache length,
+so its shapes never change.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from chipshift.devices import Device, dtype_name, get_device
+from chipshift.errors import ChipshiftError
+from chipshift.infer.cache import KVCache
+from chipshift.infer.sampling import SamplingParams, apply_repetition_penalty, sample
+from chipshift.model.transformer import Transformer
+
+# Upper bounds (seconds) of the time-to-first-token histogram buckets.
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation. `on_update(request, new_text, finished)` is called from the engine's
+    thread after every token (new_text may be empty while a stop string could still match)."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_update: Callable[["Request", str, bool], None] | None = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""  # the text released so far
+    finish_reason: str | None = None  # stop | length | cancelled | error
+    error: str | None = None
+    submitted_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request (safe from any thread); its slot frees before
+        the next decode step."""
+        self.cancelled = True
+
+
+@dataclass
+class EngineStats:
+    requests: dict[str, int] = field(default_factory=dict)  # finished requests by finish reason
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+    ttft_buckets: list[int] = field(default_factory=lambda: [0] * len(TTFT_BUCKETS))
+    ttft_sum: float = 0.0
+    ttft_count: int = 0
+
+    def observe_ttft(self, seconds: float) -> None:
+        self.ttft_sum += seconds
+        self.ttft_count += 1
+        for i, bound in enumerate(TTFT_BUCKETS):
+            if seconds <= bound:
+                self.ttft_buckets[i] += 1
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer=None, *, max_batch: int = 8,
+                 max_len: int | None = None, compile: bool = False) -> None:
+        if max_batch <= 0:
+            raise ChipshiftError(f"max_batch = {max_batch}: must be a positive integer")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.cfg = model.cfg
+        weight = model.output_weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.max_batch = max_batch
+        self.max_len = min(max_len or self.cfg.max_seq_len, self.cfg.max_seq_len)
+        self.cache = KVCache(self.cfg, max_batch, self.max_len, self.device, self.dtype)
+        self.default_stop_ids = tuple(sorted(tokenizer.stop_ids())) if tokenizer is not None else ()
+
+        dev, B, V = self.device, max_batch, self.cfg.vocab_size
+        self.slots: list[Request | None] = [None] * B
+        self.lengths = [0] * B  # tokens held in the cache, per slot
+        self.last_token = torch.zeros(B, dtype=torch.int64, device=dev)
+        self.temperature = torch.zeros(B, dtype=torch.float32, device=dev)
+        self.top_k = torch.zeros(B, dtype=torch.int64, device=dev)
+        self.top_p = torch.ones(B, dtype=torch.float32, device=dev)
+        self.penalty = torch.ones(B, dtype=torch.float32, device=dev)
+        self.seeds = torch.zeros(B, dtype=torch.int64, device=dev)
+        self.seen = torch.zeros(B, V, dtype=torch.bool, device=dev)  # for the repetition penalty
+        self.span_arange = torch.arange(self.max_len, device=dev)
+
+        self.compiled = compile
+        self._decode_logits = torch.compile(self._decode_forward, dynamic=False) if compile else self._decode_forward
+
+        self.waiting: deque[Request] = deque()
+        self.stats = EngineStats()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # -- loading -----------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | None = None, dtype: str | None = None,
+                        **kwargs) -> "Engine":
+        from chipshift.data.tokenizer import Tokenizer
+        from chipshift.model.checkpoint import load_checkpoint
+
+        dev: Device = get_device(device)
+        torch_dtype, why = dev.compute_dtype(dtype)
+        model, _ = load_checkpoint(path, dev.torch_device, torch_dtype)
+        tokenizer = Tokenizer.load(path) if (Path(path) / "tokenizer.json").exists() else None
+        engine = cls(model, tokenizer, **kwargs)
+        engine.dtype_reason = why
+        return engine
+
+    def describe(self) -> str:
+        return (f"{self.cfg.num_params() / 1e6:.1f}M params on {self.device} in {dtype_name(self.dtype)}, "
+                f"{self.max_batch} slots x {self.max_len} tokens "
+                f"(KV cache {self.cache.nbytes / 2**20:.1f} MiB){', decode compiled' if self.compiled else ''}")
+
+    # -- public API --------------------------------------------------------------------
+    def check(self, prompt_len: int, params: SamplingParams) -> None:
+        """Raise ChipshiftError when a request cannot run: bad settings or too long."""
+        params.validate()
+        if prompt_len == 0:
+            raise ChipshiftError("the prompt is empty")
+        if prompt_len >= self.max_len:
+            raise ChipshiftError(f"the prompt has {prompt_len} tokens; this model's context is "
+                                 f"{self.max_len} tokens")
+        if prompt_len + params.max_tokens > self.max_len:
+            raise ChipshiftError(f"max_tokens = {params.max_tokens} with a {prompt_len}-token prompt exceeds "
+                                 f"the context of {self.max_len} tokens (at most {self.max_len - prompt_len})")
+
+    def submit(self, request: Request) -> Request:
+        """Queue a request (thread-safe); it joins the running batch between decode steps."""
+        self.check(len(request.prompt_ids), request.params)
+        if request.params.seed is None:
+            request.params.seed = random.getrandbits(31)
+        with self._cv:
+            self.waiting.append(request)
+            self._cv.notify()
+        return request
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        """Generate for several prompts at once (continuous batching); new token ids per prompt."""
+        requests = [self.submit(Request(list(p), SamplingParams(**vars(params)))) for p in prompts]
+        if self._thread is None:
+            while not all(r.done.is_set() for r in requests):
+                self.step()
+        for r in requests:
+            r.done.wait()
+            if r.finish_reason == "error":
+                raise ChipshiftError(f"generation failed: {r.error}")
+        return [r.output_ids for r in requests]
+
+    @property
+    def num_active(self) -> int:
+        return sum(r is not None for r in self.slots)
+
+    def start(self) -> None:
+        """Run the scheduler in a background thread (for the server and the chat)."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="chipshift-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            with self._cv:
+                self._stopping = True
+                self._cv.notify()
+            self._thread.join()
+            self._thread = None
+
+    # -- scheduler ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self.waiting and not self.num_active:
+                    self._cv.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as exc:  # fail what was running, keep serving the rest
+                self._fail_all(f"{type(exc).__name__}: {exc}")
+
+    def step(self) -> None:
+        """One scheduler iteration: drop cancelled, admit waiting, one decode step."""
+        for slot, req in enumerate(self.slots):
+            if req is not None and req.cancelled:
+                self._finish(slot, "cancelled")
+        while True:
+            with self._cv:
+                free = next((i for i, r in enumerate(self.slots) if r is None), None)
+                if free is None or not self.waiting:
+                    break
+                req = self.waiting.popleft()
+            if req.cancelled:
+                self._complete(req, "cancelled")
+                continue
+            self._prefill(free, req)
+        if self.num_active:
+            self._decode()
+
+    def _fail_all(self, message: str) -> None:
+        for slot, req in enumerate(self.slots):
+            if req is not None:
+                req.error = message
+                self._finish(slot, "error")
+
+    # -- prefill and decode ------------------------------------------------------------
+    @torch.inference_mode()
+    def _prefill(self, slot: int, req: Request) -> None:
+        self.slots[slot] = req
+        p = req.params
+        T = len(req.prompt_ids)
+        ids = torch.tensor([req.prompt_ids], dtype=torch.int64, device=self.device)
+        positions = self.span_arange[:T][None]
+        mask = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()[None, None]
+        hidden = self.model.forward_hidden(ids, positions=positions, attn_mask=mask,
+                                           cache=self.cache.prefill(slot, T))
+        logits = self.model.logits(hidden[:, -1]).float()
+        self.temperature[slot] = p.temperature
+        self.top_k[slot] = p.top_k
+        self.top_p[slot] = p.top_p
+        self.penalty[slot] = p.repetition_penalty
+        self.seeds[slot] = p.seed
+        rows = slice(slot, slot + 1)
+        if p.repetition_penalty != 1:
+            self.seen[slot] = False
+            self.seen[slot, ids[0]] = True
+            logits = apply_repetition_penalty(logits, self.seen[rows], self.penalty[rows])
+        steps = torch.zeros(1, dtype=torch.int64, device=self.device)
+        token = sample(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows], self.seeds[rows],
+                       steps, any_sampling=not p.greedy, any_filter=p.filters)
+        self.last_token[rows] = token
+        if p.repetition_penalty != 1:
+            self.seen[slot, token] = True
+        self.lengths[slot] = T
+        self.stats.prompt_tokens += T
+        self._accept(slot, token.item())
+
+    def _decode_forward(self, ids: torch.Tensor, positions: torch.Tensor, rows: int, span: int) -> torch.Tensor:
+        mask = (self.span_arange[:span][None, :] <= positions[:, None])[:, None, None, :]
+        hidden = self.model.forward_hidden(ids, positions=positions[:, None], attn_mask=mask,
+                                           cache=self.cache.decode(rows, positions, span))
+        return self.model.logits(hidden[:, 0]).float()
+
+    @torch.inference_mode()
+    def _decode(self) -> None:
+        active = [i for i, r in enumerate(self.slots) if r is not None]
+        if self.compiled:  # fixed shapes: every slot, the whole cache
+            rows, span = self.max_batch, self.max_len
+        else:  # only up to the last busy slot and the longest history
+            rows = active[-1] + 1
+            span = max(self.lengths[i] for i in active) + 1
+        # free slots in between decode a dummy token at position 0 of their own row
+        positions = torch.tensor(self.lengths[:rows], dtype=torch.int64).to(self.device, non_blocking=True)
+        logits = self._decode_logits(self.last_token[:rows, None], positions, rows, span)
+        params = [r.params for r in self.slots[:rows] if r is not None]
+        use_penalty = any(p.repetition_penalty != 1 for p in params)
+        if use_penalty:
+            logits = apply_repetition_penalty(logits, self.seen[:rows], self.penalty[:rows])
+        steps = torch.tensor([len(r.output_ids) if r else 0 for r in self.slots[:rows]],
+                             dtype=torch.int64).to(self.device, non_blocking=True)
+        tokens = sample(logits, self.temperature[:rows], self.top_k[:rows], self.top_p[:rows],
+                        self.seeds[:rows], steps, any_sampling=any(not p.greedy for p in params),
+                        any_filter=any(p.filters for p in params))
+        self.last_token[:rows] = tokens
+        if use_penalty:
+            self.seen[torch.arange(rows, device=self.device), tokens] = True
+        self.stats.decode_steps += 1
+        host_tokens = tokens.tolist()  # the step's one read-back: tokens are streamed and checked
+        for i in active:
+            self.lengths[i] += 1
+            self._accept(i, host_tokens[i])
+
+    # -- bookkeeping -------------------------------------------------------------------
+    def _accept(self, slot: int, token: int) -> None:
+        req = self.slots[slot]
+        p = req.params
+        req.output_ids.append(token)
+        self.stats.generated_tokens += 1
+        if req.first_token_at is None:
+            req.first_token_at = time.perf_counter()
+            self.stats.observe_ttft(req.first_token_at - req.submitted_at)
+        stop_ids = self.default_stop_ids if p.stop_ids is None else p.stop_ids
+        reason = None
+        if token in stop_ids and not p.ignore_eos:
+            reason = "stop"
+        elif len(req.output_ids) >= p.max_tokens or self.lengths[slot] >= self.max_len:
+            reason = "length"
+        delta = ""
+        if self.tokenizer is not None:
+            delta, hit_stop = self._release_text(req, final=reason is not None)
+            if hit_stop:
+                reason = "stop"
+        if reason is None:
+            if req.on_update is not None and delta:
+                req.on_update(req, delta, False)
+        else:
+            self._finish(slot, reason, delta)
+
+    def _release_text(self, req: Request, final: bool) -> tuple[str, bool]:
+        """New text that is safe to show, and whether a stop string was hit.
+
+        Text is held back while it ends in an incomplete UTF-8 sequence or could be the start
+        of a stop string; a stop string ends the output and is not shown."""
+        text = self.tokenizer.decode(req.output_ids)
+        stops = req.params.stop
+        hit = False
+        if stops:
+            start = max(0, len(req.text) - max(map(len, stops)))
+            found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+            if found:
+                text, hit = text[:min(found)], True
+        if not (final or hit):
+            if text.endswith("\ufffd"):
+                text = text.rstrip("\ufffd")
+            for s in stops:
+                for n in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:n]):
+                        text = text[:-n]
+                        break
+        delta = text[len(req.text):] if text.startswith(req.text) and len(text) > len(req.text) else ""
+        req.text += delta
+        return delta, hit
+
+    def _finish(self, slot: int, reason: str, delta: str = "") -> None:
+        req = self.slots[slot]
+        self.slots[slot] = None
+        self.lengths[slot] = 0
+        self._complete(req, reason, delta)
+
+    def _complete(self, req: Request, reason: str, delta: str = "") -> None:
+        req.finish_reason = reason
+        self.stats.requests[reason] = self.stats.requests.get(reason, 0) + 1
+        if req.on_update is not None:
+            try:
+                req.on_update(req, delta, True)
+            finally:
+                req.done.set()
+        else:
+            req.done.set()
