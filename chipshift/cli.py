@@ -16,6 +16,10 @@ from chipshift.errors import ChipshiftError
 # Modules with a `register(subparsers)` function, in the order their commands are listed.
 COMMAND_MODULES = (
     "chipshift.devices.cli",
+    "chipshift.data.cli",
+    "chipshift.plan.cli",
+    "chipshift.train.cli",
+    "chipshift.infer.cli",
 )
 
 
