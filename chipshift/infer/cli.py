@@ -1,0 +1,132 @@
+"""`chipshift serve` (OpenAI-compatible HTTP server) and `chipshift chat` (terminal chat)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from chipshift.errors import ChipshiftError
+
+
+def _engine_args(p) -> None:
+    p.add_argument("checkpoint", help="a chipshift checkpoint directory")
+    p.add_argument("--device", default=None, help="device type, optionally with an index (cpu, npu:1, ...); "
+                                                  "default: $CHIPSHIFT_DEVICE or the first accelerator found")
+    p.add_argument("--dtype", default="auto", help="serving dtype: auto (bfloat16 where it is fast, else "
+                                                   "float32), bfloat16, float16 or float32")
+    p.add_argument("--max-batch", type=int, default=8, help="batch slots: requests decoded together (default 8)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="tokens per slot (prompt + output); default: the model's context")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (fixed shapes)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API",
+                       description="Serve a checkpoint: /v1/models, /v1/completions and /v1/chat/completions "
+                                   "(streaming as server-sent events), /health, /metrics (Prometheus) and a "
+                                   "chat page at /. Requests are batched continuously.")
+    _engine_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health and the page")
+    p.add_argument("--model-name", default=None, help="the model id clients ask for (default: the directory name)")
+    p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+    p.set_defaults(func=serve)
+
+    c = sub.add_parser("chat", help="chat with a checkpoint in the terminal",
+                       description="An interactive chat that streams the reply as it is generated. "
+                                   "Type /reset to start over, /quit (or Ctrl-D) to leave.")
+    _engine_args(c)
+    c.add_argument("--system", default=None, help="a system message to start the conversation with")
+    c.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens (default 256)")
+    c.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default 0.7)")
+    c.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (default 0.9)")
+    c.add_argument("--seed", type=int, default=None, help="seed for reproducible replies")
+    c.set_defaults(func=chat)
+
+
+def _load(args):
+    from chipshift.infer.engine import Engine
+
+    if args.max_batch <= 0:
+        raise ChipshiftError(f"--max-batch {args.max_batch}: must be a positive integer")
+    engine = Engine.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype,
+                                    max_batch=args.max_batch, max_len=args.max_len, compile=args.compile)
+    print(f"chipshift: {Path(args.checkpoint).name}: {engine.describe()}; dtype {engine.dtype_reason}",
+          file=sys.stderr)
+    return engine
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    from chipshift.infer.server import create_app
+
+    if not 0 < args.port < 65536:
+        raise ChipshiftError(f"--port {args.port}: must be in 1..65535")
+    engine = _load(args)
+    name = args.model_name or Path(args.checkpoint).resolve().name
+    app = create_app(engine, name, api_key=args.api_key)
+    engine.start()
+    print(f"chipshift: serving '{name}' on http://{args.host}:{args.port}"
+          f"{' (API key required)' if args.api_key else ''}", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.stop()
+    return 0
+
+
+def chat(args) -> int:
+    import queue
+
+    from chipshift.infer.engine import Request
+    from chipshift.infer.sampling import SamplingParams
+
+    engine = _load(args)
+    if engine.tokenizer is None or not engine.tokenizer.chat_template:
+        raise ChipshiftError(f"{args.checkpoint} has no tokenizer with a chat template")
+    engine.start()
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(start)
+    print("chat: /reset starts over, /quit or Ctrl-D leaves", file=sys.stderr)
+    try:
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                print()
+                return 0
+            if line.strip() == "/quit":
+                return 0
+            if line.strip() == "/reset":
+                messages = list(start)
+                continue
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line})
+            ids = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(messages))
+            room = engine.max_len - len(ids)
+            if room <= 0:
+                print("chat: the conversation no longer fits the context; /reset to start over", file=sys.stderr)
+                messages.pop()
+                continue
+            events: queue.Queue = queue.Queue()
+            params = SamplingParams(max_tokens=min(args.max_tokens, room), temperature=args.temperature,
+                                    top_p=args.top_p, seed=args.seed)
+            req = engine.submit(Request(ids, params, on_update=lambda r, d, f: events.put((d, f))))
+            print("assistant> ", end="", flush=True)
+            try:
+                while True:
+                    delta, finished = events.get()
+                    print(delta, end="", flush=True)
+                    if finished:
+                        break
+            except KeyboardInterrupt:  # stop this reply, keep the chat
+                req.cancel()
+                req.done.wait()
+            print()
+            messages.append({"role": "assistant", "content": req.text})
+    finally:
+        engine.stop()

@@ -1,0 +1,77 @@
+"""Shared by the inference tests: a tiny chat checkpoint and a live `chipshift serve`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from chipshift.data.tokenizer import Tokenizer
+from chipshift.model.checkpoint import save_checkpoint
+from chipshift.model.config import preset
+from chipshift.model.transformer import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_checkpoint(tokenizer_dir: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """A tiny random model that matches the tokenizer; a wide init so its output varies."""
+    tok = Tokenizer.load(tokenizer_dir)  # folds chat_template.jinja into the config
+    tok_dir = out.parent / f"{out.name}-tokenizer"
+    tok.save(tok_dir)
+    cfg = preset("tiny", vocab_size=tok.vocab_size, init_std=0.15, max_seq_len=512)
+    return save_checkpoint(build_model(cfg, dtype=dtype, seed=0), out, tokenizer_dir=tok_dir)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def live_server(ckpt: Path, *extra: str, timeout: float = 60.0):
+    """Run `chipshift serve CKPT` in a subprocess on a free port; yield its base URL."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "chipshift", "serve", str(ckpt), "--port", str(port),
+           "--device", "cpu", *extra]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"chipshift serve exited: {proc.stdout.read()}")
+            try:
+                if httpx.get(url + "/health", timeout=1.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("chipshift serve did not come up")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def metric(url: str, name: str, headers: dict | None = None) -> float:
+    """One unlabelled sample from /metrics."""
+    text = httpx.get(url + "/metrics", headers=headers or {}).text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)

@@ -1,0 +1,232 @@
+"""`chipshift serve` live on 127.0.0.1: the official openai client, hostile requests, load,
+and a client that walks away mid-stream."""
+
+import json
+import random
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from infer_helpers import live_server, make_checkpoint, metric
+
+KEY = "sk-chipshift-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_tokenizer_dir):
+    ckpt = make_checkpoint(tiny_tokenizer_dir, tmp_path_factory.mktemp("serve") / "tiny-chat")
+    with live_server(ckpt, "--api-key", KEY, "--max-batch", "8") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_openai_client_chat_and_completions(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny-chat"]
+    messages = [{"role": "user", "content": "hello there"}]
+
+    chat = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=12, temperature=0)
+    choice = chat.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert 1 <= chat.usage.completion_tokens <= 12
+    assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
+
+    stream = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == choice.message.content  # greedy: the same reply, streamed
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+
+    comp = client.completions.create(model="tiny-chat", prompt="the capital of", max_tokens=10, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert comp.choices[0].finish_reason == "length" and comp.usage.completion_tokens == 10
+    parts = list(client.completions.create(model="tiny-chat", prompt="the capital of", max_tokens=10,
+                                           temperature=0, stream=True, extra_body={"ignore_eos": True}))
+    assert "".join(p.choices[0].text for p in parts) == comp.choices[0].text
+    assert parts[-1].choices[0].finish_reason == "length"
+
+    seeded = [client.completions.create(model="tiny-chat", prompt="tokens", max_tokens=16, temperature=1.0,
+                                        top_p=0.9, seed=7, extra_body={"top_k": 50, "repetition_penalty": 1.2,
+                                                                       "ignore_eos": True}).choices[0].text
+              for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
+def test_api_key_required(server):
+    wrong = openai.OpenAI(base_url=server + "/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as err:
+        wrong.models.list()
+    assert err.value.status_code == 401
+    assert err.value.body["code"] == "invalid_api_key"
+    for path in ("/v1/models", "/metrics"):
+        r = httpx.get(server + path)
+        assert r.status_code == 401 and r.json()["error"]["message"]
+    assert httpx.get(server + "/health").status_code == 200
+
+
+def _bad_requests(rng: random.Random, prompt_ids_too_long: list[int]):
+    """Yield (method, path, headers, body bytes) of requests that must get a 4xx."""
+    good_chat = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    good_comp = {"model": "tiny-chat", "prompt": "hi", "max_tokens": 4}
+    junk = [None, True, -1, 0, 3.5, "x", [], {}, [1, "a"], {"a": 1}, float("nan")]
+    field_breakers = {
+        "model": [None, 5, "nope", "", ["tiny-chat"]],
+        "messages": [None, "hi", [], [1], [{"role": "robot", "content": "x"}], [{"role": "user"}],
+                     [{"role": "user", "content": 5}], [{"role": "user", "content": [{"type": "image_url"}]}]],
+        "prompt": [None, "", [], [-1], [10 ** 9], [1.5], prompt_ids_too_long, ["a", "b"], {"x": 1}],
+        "max_tokens": [0, -3, "4", 4.5, True, 10 ** 6, 600],
+        "temperature": ["hot", -0.1, 2.5, [], True],
+        "top_p": [0, -1, 1.5, "0.5"],
+        "top_k": [-1, 2.5, "3"],
+        "n": [2, 3, 0, "1"],
+        "stream": ["yes", 1, {}],
+        "stop": [5, [1, 2], ["a", "b", "c", "d", "e"], [""], {"x": 1}],
+        "seed": ["7", 1.5],
+        "stream_options": [{"include_usage": "yes"}, {"bogus": True}, 5],
+        "presence_penalty": [0.5, "x", 3.0],
+        "frequency_penalty": [1.0],
+        "logprobs": [True, 5], "echo": [True], "best_of": [2], "logit_bias": [{"1": 100}],
+        "tools": [[{"type": "function"}]], "response_format": [{"type": "json_object"}],
+        "repetition_penalty": [0, -1, "x", 100],
+        "ignore_eos": ["no", 1],
+    }
+    while True:
+        kind = rng.randrange(7)
+        chat = rng.random() < 0.5
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        base = dict(good_chat if chat else good_comp)
+        if kind == 0:  # malformed JSON
+            text = json.dumps(base)
+            raw = rng.choice([text[:rng.randrange(1, len(text))], text + "}", "{'model': 1}", "\xff\xfe",
+                              "", "nul\x00l", "[" * 50]).encode("utf-8", "surrogateescape")
+            yield "POST", path, AUTH, raw
+        elif kind == 1:  # not an object
+            yield "POST", path, AUTH, json.dumps(rng.choice(junk[:-1] + [[base]])).encode()
+        elif kind == 2:  # a required field missing
+            base.pop(rng.choice(["model", "messages" if chat else "prompt"]))
+            yield "POST", path, AUTH, json.dumps(base).encode()
+        elif kind == 3:  # a field broken
+            key = rng.choice([k for k in field_breakers if k != ("prompt" if chat else "messages")])
+            base[key] = rng.choice(field_breakers[key])
+            yield "POST", path, AUTH, json.dumps(base).encode()
+        elif kind == 4:  # an argument nobody knows
+            base["".join(rng.choice("abcdefghij_") for _ in range(rng.randrange(3, 12)))] = rng.choice(junk[:-1])
+            yield "POST", path, AUTH, json.dumps(base).encode()
+        elif kind == 5:  # a wrong or missing key
+            yield "POST", path, rng.choice([{}, {"Authorization": "Bearer nope"}, {"Authorization": KEY}]), \
+                json.dumps(base).encode()
+        else:  # wrong method or route
+            yield rng.choice([("GET", path), ("DELETE", "/v1/models"), ("POST", "/v1/embeddings"),
+                              ("GET", "/v1/nothing")]) + (AUTH, b"")
+
+
+def test_randomised_bad_requests_then_a_good_one(server, client):
+    rng = random.Random(1234)
+    statuses = {}
+    with httpx.Client(base_url=server, timeout=30) as http:
+        gen = _bad_requests(rng, list(range(3, 200)) * 3)
+        for _ in range(520):
+            method, path, headers, body = next(gen)
+            r = http.request(method, path, headers={"Content-Type": "application/json", **headers}, content=body)
+            assert 400 <= r.status_code < 500, (method, path, body[:200], r.status_code, r.text[:200])
+            err = r.json()["error"]
+            assert isinstance(err["message"], str) and err["message"] and "type" in err
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+    assert set(statuses) >= {400, 401, 404}
+    reply = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=5)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert httpx.get(server + "/health").json() == {"status": "ok"}
+
+
+def test_unsupported_parameters_are_named(server):
+    r = httpx.post(server + "/v1/chat/completions", headers=AUTH, json={
+        "model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "n": 2})
+    assert r.status_code == 400 and "'n'" in r.json()["error"]["message"] and r.json()["error"]["param"] == "n"
+    r = httpx.post(server + "/v1/completions", headers=AUTH, json={"model": "tiny-chat", "prompt": "x",
+                                                                     "logprobs": 3})
+    assert r.status_code == 400 and "not supported" in r.json()["error"]["message"]
+    r = httpx.post(server + "/v1/completions", headers=AUTH, json={"model": "tiny-chat", "prompt": [5] * 600})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_32_concurrent_clients(server):
+    results, failures = [], []
+
+    def worker(i):
+        with httpx.Client(base_url=server, headers=AUTH, timeout=120) as http:
+            for j in range(10):
+                body = {"model": "tiny-chat", "max_tokens": 6, "temperature": 0.8, "seed": i * 100 + j}
+                stream = (i + j) % 2 == 0
+                if j % 3:
+                    path, body = "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": f"q{i}"}]}
+                else:
+                    path, body = "/v1/completions", {**body, "prompt": f"tokens {i} {j}"}
+                try:
+                    if stream:
+                        with http.stream("POST", path, json={**body, "stream": True}) as r:
+                            lines = [ln for ln in r.iter_lines() if ln]
+                            ok = r.status_code == 200 and lines[-1] == "data: [DONE]"
+                            finish = json.loads(lines[-2][6:])["choices"][0]["finish_reason"] if ok else None
+                    else:
+                        r = http.post(path, json=body)
+                        ok = r.status_code == 200
+                        finish = r.json()["choices"][0]["finish_reason"] if ok else None
+                    if ok and finish in ("stop", "length"):
+                        results.append((i, j))
+                    else:
+                        failures.append((i, j, r.status_code))
+                except httpx.HTTPError as exc:
+                    failures.append((i, j, repr(exc)))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not failures
+    assert sorted(results) == [(i, j) for i in range(32) for j in range(10)]
+    assert metric(server, "chipshift_queue_length", AUTH) == 0
+
+
+def test_disconnect_mid_stream_frees_the_slot(server):
+    cancelled_before = _cancelled(server)
+    body = {"model": "tiny-chat", "prompt": "hello", "max_tokens": 480, "stream": True, "ignore_eos": True}
+    with httpx.Client(base_url=server, headers=AUTH, timeout=30) as http:
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            assert metric(server, "chipshift_active_slots", AUTH) == 1
+    # leaving the block closed the connection after one event
+    deadline = time.monotonic() + 20
+    while metric(server, "chipshift_active_slots", AUTH) != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(server, "chipshift_active_slots", AUTH) == 0
+    assert _cancelled(server) == cancelled_before + 1
+
+
+def _cancelled(url) -> int:
+    for line in httpx.get(url + "/metrics", headers=AUTH).text.splitlines():
+        if line.startswith('chipshift_requests_total{finish_reason="cancelled"}'):
+            return int(line.split()[1])
+    return 0
+
+
+def test_metrics_are_prometheus_text(server):
+    r = httpx.get(server + "/metrics", headers=AUTH)
+    assert r.headers["content-type"].startswith("text/plain")
+    names = {line.split()[2] for line in r.text.splitlines() if line.startswith("# TYPE")}
+    assert {"chipshift_requests_total", "chipshift_generation_tokens_total", "chipshift_queue_length",
+            "chipshift_time_to_first_token_seconds"} <= names
+    assert metric(server, "chipshift_time_to_first_token_seconds_count", AUTH) >= 1
+    assert metric(server, "chipshift_generation_tokens_total", AUTH) >= 1
