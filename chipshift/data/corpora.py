@@ -148,14 +148,22 @@ def _txt(path: Path) -> Iterator[Document]:
         yield Document(path.name, path.name, text)
 
 
-def _jsonl(path: Path) -> Iterator[Document]:
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed record) for each non-blank line; bad JSON names FILE:LINE."""
+    path = Path(path)
+    if not path.is_file():
+        raise ChipshiftError(f"{path}: no such file")
     for lineno, line in enumerate(_read_utf8(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield lineno, json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ChipshiftError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+            raise ChipshiftError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+
+
+def _jsonl(path: Path) -> Iterator[Document]:
+    for lineno, record in read_jsonl(path):
         if not isinstance(record, dict) or "text" not in record:
             raise ChipshiftError(f"{path}:{lineno}: expected an object with a \"text\" field")
         if not isinstance(record["text"], str):
