@@ -1,0 +1,1 @@
+"""The one training loop (pre-training, SFT, DPO) and its parts; see `loop`."""

@@ -1,0 +1,59 @@
+"""`chipshift pretrain CONFIG.toml`: pre-train a model with the one training loop."""
+
+from __future__ import annotations
+
+import argparse
+
+from chipshift.train.config import load_config
+
+EPILOG = """examples:
+  chipshift pretrain recipes/pretrain_small.toml
+  chipshift pretrain recipes/pretrain_small.toml --set optim.lr=1e-3 --set train.steps=200
+  chipshift pretrain recipes/pretrain_small.toml --resume          # continue after a stop or a crash
+  torchrun --nproc-per-node 2 -m chipshift pretrain recipes/pretrain_small.toml
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "pretrain", help="pre-train a model from a TOML config (resumable, multi-process via torchrun)",
+        description="Pre-train a Llama-family model on token shards made by `chipshift data prepare`. "
+                    "The config is validated before any work; the resolved config, JSONL metrics, "
+                    "TensorBoard logs, checkpoints and a loss-curve PNG are written to run.out.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments every training command shares (pretrain, sft, dpo)."""
+    p.add_argument("config", help="TOML config with [run] [model] [data] [optim] [train] sections")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in run.out whose checksums verify")
+    p.add_argument("--device", help="device to train on (same as --set run.device=...)")
+    p.add_argument("--out", help="run directory (same as --set run.out=...)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and metrics only)")
+
+
+def config_from_args(args):
+    overrides = list(args.overrides)
+    if args.device:
+        overrides.append(f"run.device={args.device!r}")
+    if args.out:
+        overrides.append(f"run.out={args.out!r}")
+    return load_config(args.config, overrides)
+
+
+def run(args) -> int:
+    from chipshift.train.loop import train
+
+    cfg = config_from_args(args)
+    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if result.stopped == "signal":
+        print(f"stopped at step {result.step}; checkpoint {result.checkpoint}; continue with --resume")
+        return 130
+    val = f", val loss {result.last_val_loss:.4f}" if result.last_val_loss is not None else ""
+    print(f"done: step {result.step}{val}; checkpoint {result.checkpoint}; loss curve {result.png}")
+    return 0

@@ -1,0 +1,468 @@
+"""The one training loop: pre-training, SFT and DPO differ only in their objective and
+data stream.
+
+Public API:
+    train(cfg, objective=None, train_stream=None, val_stream=None, *, resume=False,
+          model=None, tokenizer_dir=None, bytes_per_token=None) -> TrainResult
+        A whole run: set-up (device, dtype, processes, model, optimizer), checkpoints
+        every N steps and on SIGTERM/SIGINT, exact `--resume`, evaluation, metrics and
+        the loss-curve PNG. With no streams it pre-trains on `cfg.data.dir`.
+    Trainer(cfg, objective, train_stream, ...).train_step() -> StepStats
+        One optimizer step (forward, backward, gradient average over processes, clip,
+        AdamW, zero_grad): the unit `chipshift bench` times.
+
+An objective is `objective(model, batch) -> (loss, metrics)` (see `objectives`); a stream
+is anything with `batch(start, count) -> dict of tensors` (see `data`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from chipshift.devices import Device, dtype_name, get_device
+from chipshift.errors import ChipshiftError, ConfigError
+from chipshift.model.checkpoint import state_dict_for_save
+from chipshift.model.config import ModelConfig
+from chipshift.model.transformer import Transformer, build_model
+from chipshift.train import distributed, state
+from chipshift.train.config import TrainConfig, save_resolved
+from chipshift.train.data import Stream, TokenWindows, rank_slice
+from chipshift.train.metrics import MetricsLog, plot_loss
+from chipshift.train.objectives import LanguageModeling, Objective
+from chipshift.train.optim import MasterWeights, build_adamw, lr_at
+from chipshift.train.precision import HALF, HalfMatmulUpcast
+
+
+@dataclass
+class StepStats:
+    step: int
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens: int
+    skipped: bool
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    stopped: str  # "done" | "signal"
+    checkpoint: Path | None
+    last_val_loss: float | None = None
+    skipped_steps: int = 0
+    png: Path | None = None
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 per matmul weight, plus attention."""
+    # the embedding table is a lookup; the output projection is a matmul, tied or not
+    matmul_params = cfg.num_params(include_embedding=False) + (cfg.vocab_size * cfg.hidden_size
+                                                                if cfg.tie_embeddings else 0)
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    return 6 * matmul_params + attention
+
+
+def memory_estimate(cfg: ModelConfig, micro_batch: int, seq_len: int, param_bytes: int,
+                    act_bytes: int, master: bool, checkpointing: bool) -> dict[str, int]:
+    """Rough bytes a step needs: weights, gradients, AdamW moments, activations."""
+    P = cfg.num_params()
+    states = P * (2 * param_bytes + 8 + (8 if master else 0))
+    per_layer = micro_batch * seq_len * (14 * cfg.hidden_size + 5 * cfg.intermediate_size
+                                         + 2 * cfg.num_heads * seq_len) * act_bytes
+    layers = per_layer * (1 if checkpointing else cfg.num_layers)
+    if checkpointing:
+        layers += micro_batch * seq_len * cfg.hidden_size * act_bytes * cfg.num_layers
+    head = 2 * 1024 * cfg.vocab_size * 4 + micro_batch * seq_len * cfg.hidden_size * 8
+    return {"states": states, "activations": layers + head, "total": states + layers + head}
+
+
+class Trainer:
+    """A model, its optimizer and the run's state, on one process of a (maybe 1-process) group."""
+
+    def __init__(self, cfg: TrainConfig, objective: Objective, train_stream: Stream,
+                 val_stream: Stream | None = None, *, model: Transformer | None = None,
+                 model_cfg: ModelConfig | None = None, device: Device | None = None,
+                 world: distributed.World | None = None, log=print) -> None:
+        self.cfg, self.objective = cfg, objective
+        self.train_stream, self.val_stream = train_stream, val_stream
+        self.device = device or get_device(cfg.run.device)
+        self.world = world or distributed.World()
+        self.log = log if self.world.is_main else (lambda *a, **k: None)
+        dev = self.device
+
+        # precision: one decision, logged
+        self.dtype, reason = dev.compute_dtype(cfg.run.dtype)
+        precision = cfg.run.precision
+        if precision == "auto":
+            precision = "master" if self.dtype == torch.bfloat16 else "autocast"
+        if self.dtype == torch.float16 and precision == "master":
+            raise ConfigError("run.precision = 'master' with float16: float16 needs loss scaling, "
+                              "use run.precision = 'autocast'")
+        self.precision = precision if self.dtype in HALF else "float32"
+        upcast = cfg.run.half_matmul_upcast
+        if upcast == "auto":
+            upcast = "on" if (self.precision == "master"
+                              and dev.peak_flops(self.dtype)[0] < dev.peak_flops(torch.float32)[0]) else "off"
+        if upcast == "on" and self.precision != "master":
+            raise ConfigError(f"run.half_matmul_upcast = 'on' needs run.precision = 'master' "
+                              f"(the run computes in {self.precision})")
+        self.upcast = upcast == "on"
+        self.log(f"compute dtype: {reason}; precision: {self.precision}"
+                 + ("; half matmuls as float32 GEMMs on half operands (the native half GEMM is "
+                    "slower here)" if self.upcast else ""))
+
+        # batch layout: global batch = micro_batch x accumulation x processes
+        B, W = cfg.data.batch_size, self.world.size
+        self.micro = cfg.data.micro_batch or max(1, B // W)
+        if B % (self.micro * W):
+            raise ConfigError(f"data.batch_size = {B}: must be a multiple of data.micro_batch "
+                              f"({self.micro}) x processes ({W})")
+        self.accum = B // (self.micro * W)
+
+        # model
+        dev.manual_seed(cfg.run.seed)
+        model_cfg = model.cfg if model is not None else model_cfg
+        self._check_memory(model_cfg)
+        if model is None:
+            model = build_model(model_cfg, dev.torch_device, torch.float32, seed=cfg.run.seed)
+        model = model.to(dev.torch_device, self.dtype if self.precision == "master" else torch.float32)
+        model.train()
+        model.activation_checkpointing = cfg.run.activation_checkpointing
+        model.attn_impl = cfg.run.attn_impl if cfg.run.attn_impl != "auto" else ("math" if dev.is_cpu else "sdpa")
+        if cfg.run.compile:
+            model.forward_hidden = torch.compile(model.forward_hidden)
+        self.model, self.model_cfg = model, model_cfg
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+        # optimizer
+        self.master = MasterWeights(model) if self.precision == "master" else None
+        named = self.master.named_parameters() if self.master else \
+            [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.param_names = [n for n, p in named if p.ndim >= 2] + [n for n, p in named if p.ndim < 2]
+        self.opt_params = [p for _, p in named]
+        fused = cfg.optim.fused == "on" or (cfg.optim.fused == "auto" and dev.fused_adamw)
+        self.optimizer = build_adamw(named, cfg.optim, fused)
+        self.scaler = torch.amp.GradScaler(dev.type) if self.dtype == torch.float16 else None
+
+        self.step = 0
+        self.cursor = 0  # samples consumed over all processes
+        self.bad_in_row = 0
+        self.bad_total = 0
+        self.flops_per_token = flops_per_token(model_cfg, getattr(train_stream, "seq_len", model_cfg.max_seq_len))
+
+    # -- set-up checks -----------------------------------------------------------------
+    def _check_memory(self, model_cfg: ModelConfig) -> None:
+        half = self.dtype in HALF
+        est = memory_estimate(model_cfg, self.micro, self.cfg.data.seq_len,
+                              2 if self.precision == "master" else 4, 2 if half else 4,
+                              self.precision == "master", self.cfg.run.activation_checkpointing)
+        have = self.device.total_memory()
+        if est["total"] > 0.9 * have:
+            raise ChipshiftError(
+                f"the batch cannot fit: a step needs about {est['total'] / 2**30:.1f} GiB "
+                f"(weights+optimizer {est['states'] / 2**30:.1f}, activations {est['activations'] / 2**30:.1f}) "
+                f"and {self.device} has {have / 2**30:.1f} GiB; lower data.micro_batch (now {self.micro}) "
+                f"or data.seq_len, or set run.activation_checkpointing = true")
+
+    # -- one step ----------------------------------------------------------------------
+    def _context(self):
+        stack = contextlib.ExitStack()
+        if self.precision == "autocast":
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.dtype))
+        if self.upcast:
+            stack.enter_context(HalfMatmulUpcast())
+        return stack
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device.torch_device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
+
+    def _tokens(self, batch: dict) -> int:
+        counter = getattr(self.objective, "tokens", None)
+        return int(counter(batch)) if counter else int(batch["input_ids"].numel())
+
+    def train_step(self) -> StepStats:
+        """One optimizer step over the next global batch; skipped if anything is non-finite."""
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg.train.steps, cfg.optim)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        start, share = rank_slice(self.cursor, cfg.data.batch_size, self.world.rank, self.world.size)
+        loss_sum = torch.zeros((), device=self.device.torch_device)
+        metric_sums: dict[str, torch.Tensor] = {}
+        tokens = 0
+        for i in range(self.accum):
+            batch = self._to_device(self.train_stream.batch(start + i * self.micro, self.micro))
+            tokens += self._tokens(batch)
+            with self._context():
+                loss, metrics = self.objective(self.model, batch)
+                scaled = loss / self.accum
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_sum += loss.detach().float()
+            for k, v in metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0) + v.detach().float()
+        distributed.average_gradients(self.params, self.world)
+        if self.master:
+            self.master.to_master_grads()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.opt_params, clip, foreach=True)
+        packed = torch.stack([loss_sum / self.accum, *(v / self.accum for v in metric_sums.values())])
+        loss_value, *metric_values = distributed.all_mean(packed, self.world).tolist()
+        norm_value = float(norm)
+        loss_ok = math.isfinite(loss_value)
+        skipped = not loss_ok or (not math.isfinite(norm_value) and self.scaler is None)
+        if self.scaler:  # the scaler skips steps with inf/nan gradients itself and lowers its scale
+            if loss_ok:
+                self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif not skipped:
+            self.optimizer.step()
+        if self.master and not skipped:
+            self.master.to_model()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
+        if skipped:
+            self.bad_in_row += 1
+            self.bad_total += 1
+        else:
+            self.bad_in_row = 0
+        self.step += 1
+        self.cursor += cfg.data.batch_size
+        return StepStats(self.step, loss_value, norm_value, lr, tokens * self.world.size, skipped,
+                         dict(zip(metric_sums, metric_values)))
+
+    # -- evaluation --------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean objective loss (and metrics) over `eval_batches` fixed validation batches."""
+        self.model.eval()
+        n = self.cfg.train.eval_batches
+        sums = None
+        for i in range(self.world.rank, n, self.world.size):
+            batch = self._to_device(self.val_stream.batch(i * self.micro, self.micro))
+            with self._context():
+                loss, metrics = self.objective(self.model, batch)
+            row = torch.stack([loss.float(), *(v.float() for v in metrics.values())])
+            sums = row if sums is None else sums + row
+            keys = ["val_loss", *(f"val_{k}" for k in metrics)]
+        self.model.train()
+        if sums is None:
+            raise ConfigError(f"train.eval_batches = {n}: too few for {self.world.size} processes")
+        counts = torch.tensor(float(len(range(self.world.rank, n, self.world.size))))
+        total = distributed.all_mean(torch.cat([sums, counts[None]]), self.world)
+        return dict(zip(keys, (total[:-1] / total[-1]).tolist()))
+
+    # -- checkpoints -------------------------------------------------------------------
+    def weights(self) -> dict[str, torch.Tensor]:
+        if self.master:
+            return {n: m.detach().to("cpu").contiguous().clone() for n, m in self.master.named_parameters()}
+        return state_dict_for_save(self.model)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {**state.optimizer_tensors(self.optimizer, self.param_names), "rng.cpu": torch.get_rng_state()}
+
+    def meta(self) -> dict:
+        return {"data_cursor": self.cursor, "bad_in_row": self.bad_in_row, "bad_total": self.bad_total,
+                "global_batch": self.cfg.data.batch_size, "world_size": self.world.size,
+                "objective": self.objective.name, "precision": self.precision,
+                "compute_dtype": dtype_name(self.dtype),
+                "scaler": self.scaler.state_dict() if self.scaler else None}
+
+    def save(self, run_dir: Path, tokenizer_dir=None) -> Path | None:
+        path = None
+        if self.world.is_main:
+            path = state.save(run_dir, self.step, self.weights(), self.model_cfg, self.state_tensors(),
+                              self.meta(), tokenizer_dir=tokenizer_dir, device=str(self.device),
+                              keep_last=self.cfg.train.keep_last)
+        distributed.barrier(self.world)
+        return path
+
+    @torch.no_grad()
+    def restore(self, path: Path, sidecar: dict) -> None:
+        weights, tensors = state.load(path)
+        meta = sidecar["meta"]
+        if meta.get("global_batch") != self.cfg.data.batch_size:
+            raise ConfigError(f"data.batch_size = {self.cfg.data.batch_size}: the checkpoint {path.name} "
+                              f"was trained with {meta.get('global_batch')}; keep it to resume exactly")
+        if self.master:
+            for n, m in self.master.named_parameters():
+                m.copy_(weights[n])
+            self.master.to_model()
+        else:
+            missing, unexpected = self.model.load_state_dict(weights, strict=False)
+            if missing or unexpected:
+                raise ChipshiftError(f"checkpoint {path}: weights do not match the model "
+                                     f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        state.load_optimizer_tensors(self.optimizer, self.param_names, tensors)
+        torch.set_rng_state(tensors["rng.cpu"])
+        if self.scaler and meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        self.step, self.cursor = meta["step"], meta["data_cursor"]
+        self.bad_in_row, self.bad_total = meta["bad_in_row"], meta["bad_total"]
+
+
+# -- a whole run -------------------------------------------------------------------------
+class _StopSignal:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the step and stops."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._old = {}
+
+    def __enter__(self):
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: signals stay with the caller
+            pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def pretrain_streams(cfg: TrainConfig, seq_len: int) -> tuple[TokenWindows, TokenWindows, str, float | None]:
+    """(train stream, val stream, tokenizer dir, bytes per val token) from `cfg.data.dir`."""
+    from chipshift.data.shards import check_tokenizer, load_split, read_index
+    from chipshift.data.tokenizer import Tokenizer
+
+    if not cfg.data.dir:
+        raise ConfigError("data.dir = '': set it to a directory made by `chipshift data prepare`")
+    index = read_index(cfg.data.dir)
+    tokenizer_dir = cfg.data.tokenizer or index["tokenizer"]
+    check_tokenizer(cfg.data.dir, tokenizer_dir)
+    train_tokens, val_tokens = load_split(cfg.data.dir, "train"), load_split(cfg.data.dir, "val")
+    for split, toks in (("train", train_tokens), ("val", val_tokens)):
+        if len(toks) <= seq_len:
+            raise ConfigError(f"data.seq_len = {seq_len}: the {split} split of {cfg.data.dir} has only "
+                              f"{len(toks)} tokens")
+    tok = Tokenizer.load(tokenizer_dir)
+    sample = val_tokens[: 2_000_000].tolist()
+    text_bytes = len(tok.tok.decode(sample, skip_special_tokens=True).encode("utf-8"))
+    return (TokenWindows(train_tokens, seq_len, cfg.run.seed), TokenWindows(val_tokens, seq_len, shuffle=False),
+            tokenizer_dir, len(sample) / max(1, text_bytes) if text_bytes else None)
+
+
+def train(cfg: TrainConfig, objective: Objective | None = None, train_stream: Stream | None = None,
+          val_stream: Stream | None = None, *, resume: bool = False, model: Transformer | None = None,
+          tokenizer_dir: str | Path | None = None, bytes_per_token: float | None = None,
+          progress: bool = True, log=print) -> TrainResult:
+    """Run (or resume) a training run; see the module docstring."""
+    objective = objective or LanguageModeling()
+    run_dir = Path(cfg.run.out)
+    device = get_device(cfg.run.device)
+    world = distributed.init(device)
+    try:
+        model_cfg, found = None, None
+        if train_stream is None:
+            train_stream, val_stream, tokenizer_dir, tokens_per_byte = pretrain_streams(cfg, cfg.data.seq_len)
+            bytes_per_token = 1 / tokens_per_byte if tokens_per_byte else None
+            from chipshift.data.tokenizer import Tokenizer
+            model_cfg = cfg.model_config(Tokenizer.load(tokenizer_dir).vocab_size)
+        elif model is None:
+            model_cfg = cfg.model_config()
+        if resume:
+            found = state.latest_valid(run_dir)
+            if found is None:
+                raise ChipshiftError(f"--resume: no valid checkpoint under {state.checkpoint_dir(run_dir)}")
+        trainer = Trainer(cfg, objective, train_stream, val_stream, model=model, model_cfg=model_cfg,
+                          device=device, world=world, log=log)
+        return _run(trainer, run_dir, found, tokenizer_dir, bytes_per_token, progress)
+    finally:
+        distributed.shutdown(world)
+
+
+def _run(trainer: Trainer, run_dir: Path, resume_from, tokenizer_dir, bytes_per_token, progress) -> TrainResult:
+    cfg, world, log = trainer.cfg, trainer.world, trainer.log
+    metrics = MetricsLog(run_dir, enabled=world.is_main)
+    if resume_from is not None:
+        trainer.restore(*resume_from)
+        if world.is_main:
+            state.truncate_jsonl(metrics.path, trainer.step)
+        log(f"resumed from {resume_from[0]} (step {trainer.step}, data cursor {trainer.cursor})")
+    if world.is_main:
+        save_resolved(cfg, run_dir, {"resolved": {
+            "model_config": trainer.model_cfg.to_dict(), "device": str(trainer.device),
+            "compute_dtype": dtype_name(trainer.dtype), "precision": trainer.precision,
+            "half_matmul_upcast": trainer.upcast, "processes": world.size, "micro_batch": trainer.micro,
+            "grad_accum": trainer.accum, "objective": trainer.objective.name, "tokenizer": str(tokenizer_dir)}})
+    peak, peak_source = trainer.device.peak_flops(trainer.dtype)
+    log(f"model {trainer.model_cfg.num_params() / 1e6:.1f}M params; batch {cfg.data.batch_size} x "
+        f"{cfg.data.seq_len} = {world.size} process(es) x {trainer.micro} x {trainer.accum} accumulation; "
+        f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+    last_ckpt: Path | None = resume_from[0] if resume_from else None
+    last_val = None
+    stopped = "done"
+    bar = tqdm(total=cfg.train.steps, initial=trainer.step, disable=not (progress and world.is_main),
+               unit="step", dynamic_ncols=True)
+    window_tokens, window_t0 = 0, time.perf_counter()
+
+    def do_eval():
+        if trainer.val_stream is None:
+            return None
+        result = trainer.evaluate()
+        if bytes_per_token and "val_loss" in result:
+            result["val_bpb"] = result["val_loss"] / math.log(2) / bytes_per_token
+        metrics.write({"step": trainer.step, **result})
+        bar.write(f"step {trainer.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        return result.get("val_loss")
+
+    with _StopSignal() as stop:
+        if trainer.step == 0 and trainer.val_stream is not None and cfg.train.eval_every:
+            last_val = do_eval()
+        while trainer.step < cfg.train.steps:
+            stats = trainer.train_step()
+            window_tokens += stats.tokens
+            bar.update(1)
+            if trainer.bad_in_row >= cfg.train.max_bad_steps:
+                bar.close()
+                where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written"
+                raise ChipshiftError(
+                    f"stopped at step {trainer.step}: {trainer.bad_in_row} steps in a row had a non-finite "
+                    f"loss or gradient ({trainer.bad_total} in all); {where}; lower optim.lr or "
+                    f"check the data")
+            if trainer.step % cfg.train.log_every == 0 or trainer.step == cfg.train.steps:
+                dt = time.perf_counter() - window_t0
+                tps = window_tokens / dt
+                mfu = tps * trainer.flops_per_token / peak
+                record = {"step": trainer.step, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
+                          "tokens_per_s": tps, "mfu": mfu, "skipped_total": trainer.bad_total, **stats.metrics}
+                metrics.write(record)
+                bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{mfu:.1%}")
+                window_tokens, window_t0 = 0, time.perf_counter()
+            if cfg.train.eval_every and trainer.step % cfg.train.eval_every == 0 and trainer.step < cfg.train.steps:
+                last_val = do_eval()
+            if distributed.any_flag(stop.raised, world):
+                last_ckpt = trainer.save(run_dir, tokenizer_dir)
+                stopped = "signal"
+                bar.write(f"stopped by a signal at step {trainer.step}; checkpoint {last_ckpt}")
+                break
+            if cfg.train.ckpt_every and trainer.step % cfg.train.ckpt_every == 0:
+                last_ckpt = trainer.save(run_dir, tokenizer_dir)
+    bar.close()
+    png = None
+    if stopped == "done":
+        last_val = do_eval() if trainer.val_stream is not None else last_val
+        if last_ckpt is None or not last_ckpt.name.endswith(f"{trainer.step:08d}"):
+            last_ckpt = trainer.save(run_dir, tokenizer_dir)
+        if world.is_main and metrics.path.exists():
+            png = plot_loss(metrics.path, run_dir / "loss.png",
+                            f"{trainer.objective.name}: {trainer.model_cfg.num_params() / 1e6:.1f}M params")
+    metrics.close()
+    return TrainResult(run_dir, trainer.step, stopped, last_ckpt, last_val, trainer.bad_total, png)

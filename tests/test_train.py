@@ -1,0 +1,245 @@
+"""The training loop: config validation, data layout, loss, precision, guards, checkpoints."""
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from chipshift.cli import main as cli_main
+from chipshift.errors import ChipshiftError, ConfigError
+from chipshift.model.config import preset
+from chipshift.model.transformer import build_model
+from chipshift.train import state
+from chipshift.train.config import TrainConfig, from_dict, load_config
+from chipshift.train.data import TokenWindows, rank_slice
+from chipshift.train.loop import Trainer, train
+from chipshift.train.objectives import LanguageModeling, chunked_cross_entropy, reference_cross_entropy
+from chipshift.train.optim import lr_at
+from chipshift.train.precision import HalfMatmulUpcast
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine: OpenMP's spinning threads only get in the way."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def patterned_tokens(n_rows: int = 120, width: int = 48, vocab: int = 512) -> np.ndarray:
+    """Rotations of one random row: learnable, so the loss must fall."""
+    base = np.random.default_rng(0).integers(0, vocab, width)
+    return np.concatenate([np.roll(base, k) for k in range(n_rows)]).astype(np.uint16)
+
+
+def tiny_cfg(out, **sections) -> TrainConfig:
+    raw = {"run": {"out": str(out), "dtype": "float32", "device": "cpu"}, "model": {"preset": "tiny"},
+           "data": {"seq_len": 32, "batch_size": 4, "micro_batch": 2},
+           "optim": {"warmup_steps": 2, "lr": 3e-3},
+           "train": {"steps": 12, "log_every": 4, "eval_every": 6, "ckpt_every": 4, "eval_batches": 2}}
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return from_dict(raw)
+
+
+def streams(seed: int = 0):
+    toks = patterned_tokens()
+    return TokenWindows(toks, 32, seed), TokenWindows(toks, 32, shuffle=False)
+
+
+# -- config ------------------------------------------------------------------------------
+@pytest.mark.parametrize("raw, words", [
+    ({"optim": {"lrr": 1e-3}}, ["optim.lrr", "allowed", "lr"]),
+    ({"optim": {"schedule": "linear"}}, ["optim.schedule", "'linear'", "cosine"]),
+    ({"train": {"steps": -1}}, ["train.steps", "-1", "> 0"]),
+    ({"data": {"seq_len": "long"}}, ["data.seq_len", "'long'", "int"]),
+    ({"model": {"preset": "XXL"}}, ["model.preset", "XXL", "tiny"]),
+    ({"model": {"hidden": 5}}, ["model.hidden", "allowed"]),
+    ({"model": {"preset": "tiny", "num_kv_heads": 3}}, ["num_kv_heads"]),
+    ({"optimizer": {}}, ["[optimizer]", "allowed"]),
+])
+def test_config_errors_name_key_value_and_allowed(raw, words):
+    with pytest.raises(ConfigError) as exc:
+        from_dict(raw)
+    for w in words:
+        assert w in str(exc.value)
+
+
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[model]\npreset = "S"\n[optim]\nlr = 1e-3\n')
+    cfg = load_config(path, ["optim.lr=5e-4", "run.out=somewhere", "run.compile=true"])
+    assert cfg.optim.lr == 5e-4 and cfg.run.out == "somewhere" and cfg.run.compile is True
+    assert cfg.model_config().hidden_size == 384
+    assert cfg.model_config(vocab_size=1000).vocab_size == 8192  # the preset names its vocabulary
+    assert from_dict({"model": {"hidden_size": 64, "num_heads": 4, "num_kv_heads": 4,
+                                "num_layers": 1, "intermediate_size": 96}}).model_config(300).vocab_size == 300
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(path, ["lr=1"])
+
+
+def test_cli_config_typo_is_one_line_exit_2(tmp_path, capsys):
+    path = tmp_path / "c.toml"
+    path.write_text("[train]\nstepz = 3\n")
+    assert cli_main(["pretrain", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "train.stepz" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+# -- data --------------------------------------------------------------------------------
+def test_windows_are_deterministic_and_split_by_rank_without_changing_the_stream():
+    toks = np.arange(1000, dtype=np.uint16)
+    a, b = TokenWindows(toks, 10, seed=3), TokenWindows(toks, 10, seed=3)
+    whole = a.batch(5, 8)["input_ids"]
+    assert torch.equal(whole, b.batch(5, 8)["input_ids"])
+    parts = [a.batch(*rank_slice(5, 8, r, 2))["input_ids"] for r in range(2)]
+    assert torch.equal(torch.cat(parts), whole)  # 2 processes read exactly the 1-process batch
+    batch = a.batch(0, 3)
+    assert torch.equal(batch["labels"][:, :-1], batch["input_ids"][:, 1:])
+    epoch = [a.window_start(i) for i in range(a.num_windows)]
+    assert sorted(epoch) == [10 * i for i in range(a.num_windows)]  # each window once per epoch
+    assert epoch != [a.window_start(a.num_windows + i) for i in range(a.num_windows)]  # reshuffled
+
+
+# -- loss and precision ------------------------------------------------------------------
+def test_chunked_cross_entropy_matches_full_logits():
+    torch.manual_seed(0)
+    model = build_model(preset("tiny"))
+    ids = torch.randint(0, 512, (2, 17))
+    x, y = ids[:, :-1], ids[:, 1:].clone()
+    y[0, :4] = -100
+    ref = reference_cross_entropy(model, x, y)
+    ref.backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    got = chunked_cross_entropy(model.forward_hidden(x), model.output_weight, y, chunk_rows=5)
+    got.backward()
+    assert abs(got.item() - ref.item()) <= 1e-5 * ref.item()
+    for w, p in zip(want, model.parameters()):
+        torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # evaluation: same value, no gradient buffers
+        assert abs(chunked_cross_entropy(model.forward_hidden(x), model.output_weight, y).item() - ref.item()) < 1e-5
+
+
+def test_half_matmul_upcast_is_bf16_compute():
+    """The fast path's outputs are torch's own bf16 GEMM results to within one bf16 rounding."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 96, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(80, 96, dtype=torch.bfloat16, requires_grad=True)
+    native = torch.nn.functional.linear(x, w)
+    native.float().square().sum().backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    with HalfMatmulUpcast():
+        fast = torch.nn.functional.linear(x, w)
+        batched = torch.randn(2, 3, 5, 96, dtype=torch.bfloat16) @ w.T
+    fast.float().square().sum().backward()
+    assert fast.dtype == torch.bfloat16 and batched.dtype == torch.bfloat16
+    for got, want in ((fast, native), (x.grad, gx), (w.grad, gw)):
+        ulp = want.float().abs() * 2**-7 + 1e-6
+        assert ((got.float() - want.float()).abs() <= ulp).all()
+
+
+def test_lr_schedules():
+    cfg = TrainConfig().optim
+    cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio = 10, 1.0, 0.1
+    assert lr_at(0, 100, cfg) == pytest.approx(0.1) and lr_at(9, 100, cfg) == pytest.approx(1.0)
+    assert lr_at(99, 100, cfg) == pytest.approx(0.1, abs=1e-3)
+    cfg.schedule, cfg.decay_fraction = "wsd", 0.2
+    assert lr_at(79, 100, cfg) == 1.0 and lr_at(99, 100, cfg) == pytest.approx(0.1)
+    assert lr_at(89, 100, cfg) == pytest.approx(0.55)
+
+
+# -- the loop ----------------------------------------------------------------------------
+def test_loop_learns_logs_and_checkpoints(tmp_path):
+    train_s, val_s = streams()
+    result = train(tiny_cfg(tmp_path), LanguageModeling(), train_s, val_s, progress=False, log=lambda *a: None)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    assert vals[-1] < vals[0] - 1.0
+    assert all("tokens_per_s" in r and "mfu" in r for r in records if "loss" in r)
+    assert result.png.exists() and (tmp_path / "config.resolved.json").exists()
+    assert [p.name for p in state.list_checkpoints(tmp_path)] == ["step_00000004", "step_00000008", "step_00000012"]
+    assert result.checkpoint.name == "step_00000012"
+    assert list((tmp_path / "tensorboard").iterdir())
+
+
+def test_resume_in_process_is_bit_identical(tmp_path):
+    quiet = dict(progress=False, log=lambda *a: None)
+    full = train(tiny_cfg(tmp_path / "a"), None, *streams(), **quiet)
+    train(tiny_cfg(tmp_path / "b", train={"steps": 12}), None, *streams(), **quiet)
+    # throw away the last two checkpoints, as if the run had died after step 4
+    for p in state.list_checkpoints(tmp_path / "b")[1:]:
+        import shutil
+        shutil.rmtree(p)
+    resumed = train(tiny_cfg(tmp_path / "b"), None, *streams(), resume=True, **quiet)
+    wa, _ = state.load(full.checkpoint)
+    wb, tb = state.load(resumed.checkpoint)
+    _, ta = state.load(full.checkpoint)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_damaged_newest_checkpoint_is_skipped(tmp_path):
+    train(tiny_cfg(tmp_path), None, *streams(), progress=False, log=lambda *a: None)
+    newest = state.list_checkpoints(tmp_path)[-1]
+    with open(newest / "model.safetensors", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path, _ = state.latest_valid(tmp_path)
+    assert path.name == "step_00000008" and "sha256" in str(caught[0].message)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(ChipshiftError, match="no valid checkpoint"):
+        train(tiny_cfg(tmp_path), None, *streams(), resume=True, progress=False, log=lambda *a: None)
+
+
+class NaNAfter:
+    """The LM objective, poisoned from a given step on (counted in calls)."""
+
+    name = "lm"
+
+    def __init__(self, good_calls: int) -> None:
+        self.calls, self.good_calls, self.inner = 0, good_calls, LanguageModeling()
+
+    def __call__(self, model, batch):
+        self.calls += 1
+        loss, m = self.inner(model, batch)
+        return (loss * float("nan") if self.calls > self.good_calls and model.training else loss), m
+
+
+def test_non_finite_steps_are_skipped_then_stop_with_checkpoint_intact(tmp_path):
+    cfg = tiny_cfg(tmp_path, train={"max_bad_steps": 3, "eval_every": 0})
+    # 2 micro-batches per step: steps 1-5 are good, every later step is poisoned
+    with pytest.raises(ChipshiftError, match=r"3 steps in a row.*step_00000004"):
+        train(cfg, NaNAfter(10), *streams(), progress=False, log=lambda *a: None)
+    path, side = state.latest_valid(tmp_path)
+    assert path.name == "step_00000004"
+    weights, _ = state.load(path)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_batch_that_cannot_fit_is_refused_before_work(tmp_path):
+    cfg = tiny_cfg(tmp_path, model={"preset": "llama-3.2-1b"}, data={"micro_batch": 4096, "batch_size": 4096,
+                                                                      "seq_len": 4096})
+    with pytest.raises(ChipshiftError, match="cannot fit.*micro_batch"):
+        Trainer(cfg, LanguageModeling(), streams()[0], model_cfg=cfg.model_config(), log=lambda *a: None)
+
+
+def test_bf16_master_step_runs_and_keeps_fp32_master(tmp_path):
+    cfg = tiny_cfg(tmp_path, run={"dtype": "bfloat16", "half_matmul_upcast": "on"})
+    trainer = Trainer(cfg, LanguageModeling(), streams()[0], model_cfg=cfg.model_config(), log=lambda *a: None)
+    first = trainer.train_step()
+    for _ in range(3):
+        last = trainer.train_step()
+    assert trainer.precision == "master" and trainer.upcast
+    assert next(trainer.model.parameters()).dtype == torch.bfloat16
+    assert all(w.dtype == torch.float32 for w in trainer.weights().values())
+    assert math.isfinite(last.loss) and last.loss < first.loss
