@@ -1,0 +1,192 @@
+"""The inference engine against the naive reference generator, token for token, plus its
+sampling, stop rules and continuous batching."""
+
+import pytest
+import torch
+
+from chipshift.data.tokenizer import Tokenizer
+from chipshift.errors import ChipshiftError
+from chipshift.infer.engine import Engine, Request
+from chipshift.infer.sampling import SamplingParams, apply_repetition_penalty, sample
+from chipshift.model.config import preset
+from chipshift.model.generate import generate_naive
+from chipshift.model.transformer import build_model
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], list(range(10, 40)), [3] * 12, [5, 6], [100, 7, 250, 31], [42]]
+
+
+def tiny(dtype=torch.float32, max_seq_len=96):
+    # a wide init so that greedy output wanders instead of repeating one token
+    return build_model(preset("tiny", init_std=0.15, max_seq_len=max_seq_len), dtype=dtype, seed=0)
+
+
+def greedy(max_tokens, **kw):
+    return SamplingParams(max_tokens=max_tokens, stop_ids=(), **kw)
+
+
+def budget(i):
+    return 6 + 3 * i  # each prompt its own length, so requests leave at different steps
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The fp32 model and the naive generator's greedy output for each prompt (computed once)."""
+    model = tiny()
+    return model, [generate_naive(model, p, budget(i)) for i, p in enumerate(PROMPTS)]
+
+
+@pytest.mark.parametrize("max_batch", [1, 3])
+def test_greedy_matches_naive_fp32(max_batch, reference):
+    """Single and batched: 7 prompts through 1 or 3 slots, each leaving at its own length,
+    so requests join and leave the running batch between decode steps."""
+    model, want = reference
+    engine = Engine(model, max_batch=max_batch)
+    requests = [engine.submit(Request(p, greedy(budget(i)))) for i, p in enumerate(PROMPTS)]
+    while not all(r.done.is_set() for r in requests):
+        engine.step()
+    for i, r in enumerate(requests):
+        assert r.output_ids == want[i], f"prompt {i}"
+        assert r.finish_reason == "length"
+    assert engine.num_active == 0 and engine.stats.generated_tokens == sum(map(len, want))
+
+
+def test_greedy_rows_unaffected_by_sampling_neighbours(reference):
+    model, want = reference
+    engine = Engine(model, max_batch=4)
+    mixed = [greedy(budget(0)), SamplingParams(max_tokens=20, temperature=0.9, top_k=40, top_p=0.8, seed=1,
+                                               repetition_penalty=1.3, stop_ids=()),
+             greedy(budget(2)), SamplingParams(max_tokens=20, temperature=1.5, seed=2, stop_ids=())]
+    requests = [engine.submit(Request(p, s)) for p, s in zip(PROMPTS, mixed)]
+    while not all(r.done.is_set() for r in requests):
+        engine.step()
+    for i in (0, 2):
+        assert requests[i].output_ids == want[i]
+
+
+def test_greedy_bf16_agrees_up_to_rounding():
+    """In bfloat16 a cached decode (one row) and a full recompute (all rows) round
+    differently, so a near-tie may flip: every disagreement must be such a near-tie of the
+    reference's own logits, and the first tokens must agree."""
+    model = tiny(torch.bfloat16)
+    engine = Engine(model, max_batch=4)
+    outputs = engine.generate(PROMPTS[:4], greedy(16))
+    for p, got in zip(PROMPTS, outputs):
+        want = generate_naive(model, p, 16)
+        assert got[:4] == want[:4]
+        first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+        if first is not None:
+            with torch.no_grad():
+                logits = model(torch.tensor([p + want[:first]]))[0, -1].float()
+            gap = (logits[want[first]] - logits[got[first]]).item()
+            assert 0 <= gap <= 0.02 * logits.abs().max().item(), (first, gap)
+
+
+def test_stop_ids_end_like_the_reference(reference):
+    model, want = reference
+    stop = want[6][7]  # a token the greedy output reaches
+    ref = generate_naive(model, PROMPTS[6], budget(6), stop_ids=[stop])
+    got = Engine(model, max_batch=2).generate([PROMPTS[6]], SamplingParams(max_tokens=budget(6), stop_ids=(stop,)))
+    assert got[0] == ref and ref[-1] == stop and len(ref) <= 8
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(reference):
+    model, _ = reference
+    settings = SamplingParams(max_tokens=16, temperature=1.0, top_k=50, top_p=0.95, seed=11, stop_ids=())
+    alone = Engine(model, max_batch=1).generate([PROMPTS[0]], settings)[0]
+    crowded = Engine(model, max_batch=4).generate(PROMPTS[:4], settings)[0]
+    assert alone == crowded
+    other_seed = Engine(model, max_batch=1).generate([PROMPTS[0]], SamplingParams(**{**vars(settings), "seed": 12}))
+    assert other_seed[0] != alone
+
+
+def test_sample_follows_the_distribution_and_filters():
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0]).repeat(8000, 1)
+    rows = logits.shape[0]
+    seeds, steps = torch.arange(rows), torch.zeros(rows, dtype=torch.int64)
+
+    def draw(temperature, top_k=0, top_p=1.0):
+        return sample(logits, torch.full((rows,), temperature), torch.full((rows,), top_k),
+                      torch.full((rows,), top_p), seeds, steps, any_sampling=temperature > 0,
+                      any_filter=top_k > 0 or top_p < 1)
+
+    freq = torch.bincount(draw(1.0), minlength=5).float() / rows
+    assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.02)
+    hot = torch.bincount(draw(2.0), minlength=5).float() / rows
+    assert torch.allclose(hot, torch.softmax(logits[0] / 2, -1), atol=0.02)
+    assert set(draw(1.0, top_k=2).tolist()) == {0, 1}
+    # top_p 0.7: token 0 has p=0.56, so tokens 0 and 1 (cumulative 0.77) are kept
+    assert set(draw(1.0, top_p=0.7).tolist()) == {0, 1}
+    assert set(draw(0.0).tolist()) == {0}
+
+
+def test_repetition_penalty_matches_transformers():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 50)
+    history = torch.tensor([[3, 7, 7, 20], [1, 2, 3, 4]])
+    seen = torch.zeros(2, 50, dtype=torch.bool).scatter_(1, history, True)
+    want = RepetitionPenaltyLogitsProcessor(1.3)(history, logits.clone())
+    assert torch.allclose(apply_repetition_penalty(logits, seen, torch.tensor([1.3, 1.3])), want)
+
+
+def test_stop_string_trims_text_and_streaming_matches(tiny_tokenizer_dir):
+    tok = Tokenizer.load(tiny_tokenizer_dir)
+    model = build_model(preset("tiny", vocab_size=tok.vocab_size, init_std=0.15, max_seq_len=96), seed=0)
+    engine = Engine(model, tok, max_batch=2)
+    prompt = tok.encode("hello there")
+    full = engine.generate([prompt], SamplingParams(max_tokens=40, ignore_eos=True))[0]
+    text = tok.decode(full)
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    pieces = []
+    req = engine.submit(Request(prompt, SamplingParams(max_tokens=40, ignore_eos=True, stop=(stop,)),
+                                on_update=lambda r, delta, done: pieces.append(delta)))
+    while not req.done.is_set():
+        engine.step()
+    assert req.finish_reason == "stop"
+    assert req.text == text[:text.find(stop)] == "".join(pieces)
+    assert stop not in req.text
+
+
+def test_cancel_frees_the_slot_and_queue_waits(reference):
+    engine = Engine(reference[0], max_batch=1)
+    first = engine.submit(Request(PROMPTS[0], greedy(50)))
+    second = engine.submit(Request(PROMPTS[1], greedy(3)))
+    engine.step()
+    engine.step()
+    assert engine.slots[0] is first and list(engine.waiting) == [second]
+    first.cancel()
+    while not second.done.is_set():
+        engine.step()
+    assert first.finish_reason == "cancelled" and second.finish_reason == "length"
+    assert len(second.output_ids) == 3 and engine.num_active == 0
+
+
+def test_background_thread_serves_submissions(reference):
+    model, want = reference
+    engine = Engine(model, max_batch=2)
+    engine.start()
+    try:
+        outs = engine.generate(PROMPTS[:3], greedy(budget(0)))
+    finally:
+        engine.stop()
+    assert outs == [w[:budget(0)] for w in want[:3]]
+
+
+def test_requests_that_cannot_fit_are_refused():
+    engine = Engine(tiny(max_seq_len=32), max_batch=1)
+    with pytest.raises(ChipshiftError, match="context"):
+        engine.submit(Request(list(range(40)), greedy(1)))
+    with pytest.raises(ChipshiftError, match="exceeds the context"):
+        engine.submit(Request([1, 2, 3], greedy(30)))
+    with pytest.raises(ChipshiftError, match="max_tokens"):
+        engine.submit(Request([1, 2, 3], greedy(0)))
+    with pytest.raises(ChipshiftError, match="empty"):
+        engine.submit(Request([], greedy(1)))
+
+
+@pytest.mark.slow
+def test_compiled_decode_matches_naive(reference):
+    model, want = reference
+    outs = Engine(model, max_batch=2, max_len=48, compile=True).generate(PROMPTS[:3], greedy(budget(0)))
+    assert outs == [w[:budget(0)] for w in want[:3]]
