@@ -244,13 +244,12 @@ def load_corpora(sources: list[str], files: list[str | Path] = (),
     names = parse_sources(sources)
     if not names and not files:
         raise ChipshiftError("no input: give --sources and/or --files")
-    out: dict[str, tuple[list[Document], list[Document]]] = {}
-    for name in names:
-        out[name] = split_documents(builtin_documents(name), val_fraction)
-    for f in files:
+    user: dict[str, list[Document]] = {}
+    for f in files:  # user files first: their mistakes are the likely ones, report them fast
         docs = file_documents(f)
-        key = docs[0].source
-        if key in out:
-            raise ChipshiftError(f"{f}: two inputs are named {key!r}; rename one")
-        out[key] = split_documents(docs, val_fraction)
+        if docs[0].source in user or docs[0].source in names:
+            raise ChipshiftError(f"{f}: two inputs are named {docs[0].source!r}; rename one")
+        user[docs[0].source] = docs
+    out = {name: split_documents(builtin_documents(name), val_fraction) for name in names}
+    out.update({name: split_documents(docs, val_fraction) for name, docs in user.items()})
     return out

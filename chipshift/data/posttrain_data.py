@@ -12,9 +12,11 @@ Sources (read from package files, never imported; see docs/data.md):
   `IDENTITY_NAME`, made by `IDENTITY_MAKER`. Held-out phrasings never appear in training;
   `identity_eval()` lists them with the key fact an answer must contain.
 
-Every conversation has a stable id; the held-out split takes the ids whose hash falls in
-the first `HELD_OUT_PERCENT` buckets (identity: the held-out phrasings), so it does not
-depend on order, limits or the other sources.
+The held-out split is by hash, so it does not depend on order, limits or the other
+sources: chatterbot entries are hashed by their first question (the corpus repeats
+questions with other answers, and some entries across files; all of them fall on one
+side), chitchat windows by their chat's id (all windows of a chat on one side), and the
+first `HELD_OUT_PERCENT` of 100 buckets is held out. Identity: the held-out phrasings.
 
 DPO pairs (`dpo_pairs`): prompt = a conversation up to one of its assistant replies;
 chosen = that real reply; rejected = alternately a reply taken from another conversation
@@ -116,12 +118,13 @@ _IDENTITY_QUESTION = re.compile(
     r"\b(who are you|your name|who (made|created|built|programmed|designed) you)\b|你是谁|你叫什么|名字|谁.{0,2}(创造|开发|制作|发明)", re.I)
 
 
-def _held_out(conv_id: str) -> bool:
-    return zlib.crc32(conv_id.encode()) % 100 < HELD_OUT_PERCENT
+def _held_out(split_key: str) -> bool:
+    return zlib.crc32(split_key.encode()) % 100 < HELD_OUT_PERCENT
 
 
 @lru_cache(maxsize=1)  # parsed once per process; callers get fresh message dicts
 def _chatterbot() -> list[tuple[str, list[dict]]]:
+    """(split key, messages) per entry."""
     import yaml
 
     root = pkg_dir("chatterbot_corpus") / "data"
@@ -135,12 +138,13 @@ def _chatterbot() -> list[tuple[str, list[dict]]]:
                 if not turns or not all(turns) or _IDENTITY_QUESTION.search(turns[0]):
                     continue
                 msgs = [{"role": ("user", "assistant")[k % 2], "content": t} for k, t in enumerate(turns)]
-                out.append((f"chatterbot/{lang}/{path.stem}/{i}", msgs))
+                out.append((turns[0].lower(), msgs))
     return out
 
 
 @lru_cache(maxsize=1)
 def _chitchat() -> list[tuple[str, list[dict]]]:
+    """(split key, messages) per window."""
     data = json.loads((pkg_dir("chitchat_dataset") / "dataset.json").read_text(encoding="utf-8"))
     out = []
     for key, chat in data.items():
@@ -151,7 +155,7 @@ def _chitchat() -> list[tuple[str, list[dict]]]:
             window = window[:len(window) // 2 * 2]
             if window:
                 msgs = [{"role": ("user", "assistant")[k % 2], "content": t} for k, t in enumerate(window)]
-                out.append((f"chitchat/{key}/{w}", msgs))
+                out.append((key, msgs))
     return out
 
 
@@ -171,24 +175,26 @@ def _parse_sources(sources) -> list[str]:
     return names
 
 
-def _conversations_with_ids(source: str, split: str) -> list[tuple[str, list[dict]]]:
+def _split_conversations(source: str, split: str, limit: int | None) -> list[list[dict]]:
+    """One split of a source; `limit` keeps the first N (the identity set is always whole)."""
     if source == "identity":
-        return [(f"identity/{split}/{i}", c) for i, c in enumerate(identity_conversations(split))]
-    return [(cid, [dict(m) for m in msgs]) for cid, msgs in _LOADERS[source]()
-            if _held_out(cid) == (split == "val")]
+        return identity_conversations(split)
+    convs = [msgs for key, msgs in _LOADERS[source]() if _held_out(key) == (split == "val")][:limit]
+    return [[dict(m) for m in msgs] for msgs in convs]
 
 
 def sft_conversations(sources=SFT_SOURCES, split: str = "train", limit_per_source: int | None = None,
                       identity_repeats: int = 1) -> list[list[dict]]:
     """Conversations (lists of messages) of the built-in sources, in a fixed order.
 
-    limit_per_source keeps the first N of each source (the split is decided before the
-    limit, so the held-out set never changes); identity_repeats repeats the identity set so
-    a small model sees it often enough among thousands of other conversations."""
+    limit_per_source keeps the first N of chatterbot and of chitchat (the split is decided
+    before the limit, so the held-out set never changes); the identity set is always whole,
+    repeated `identity_repeats` times so a small model sees it often enough among thousands
+    of other conversations."""
     _check_split(split)
     out = []
     for source in _parse_sources(sources):
-        convs = [msgs for _, msgs in _conversations_with_ids(source, split)][:limit_per_source]
+        convs = _split_conversations(source, split, limit_per_source)
         out.extend(convs * (identity_repeats if source == "identity" else 1))
     return out
 
@@ -196,8 +202,8 @@ def sft_conversations(sources=SFT_SOURCES, split: str = "train", limit_per_sourc
 def _truncate(reply: str) -> str | None:
     if _is_chinese(reply) and " " not in reply.strip():
         return reply[:len(reply) // 2] if len(reply) >= 4 else None
-    words = reply.split()
-    return " ".join(words[:len(words) // 2]) if len(words) >= 4 else None
+    words = list(re.finditer(r"\S+", reply))  # cut after a word, keeping the reply's own spacing
+    return reply[:words[len(words) // 2 - 1].end()] if len(words) >= 4 else None
 
 
 def dpo_pairs(sources=SFT_SOURCES, split: str = "train", limit_per_source: int | None = None,
@@ -208,9 +214,10 @@ def dpo_pairs(sources=SFT_SOURCES, split: str = "train", limit_per_source: int |
     rng = random.Random(seed)
     pairs = []
     for source in _parse_sources(sources):
-        convs = [msgs for _, msgs in _conversations_with_ids(source, split)][:limit_per_source]
+        convs = _split_conversations(source, split, limit_per_source)
         # identity replies are few and alike; take their "other conversation" from chatterbot
         pool = [m[-1]["content"] for _, m in _chatterbot()] if source == "identity" else [m[-1]["content"] for m in convs]
+        varied = len(set(pool)) > 1
         for k, msgs in enumerate(convs):
             chosen = msgs[-1]["content"]
             rejected = _truncate(chosen) if k % 2 else None
@@ -218,7 +225,7 @@ def dpo_pairs(sources=SFT_SOURCES, split: str = "train", limit_per_source: int |
             if rejected is None:
                 kind = "other"
                 rejected = chosen
-                while rejected == chosen and len(set(pool)) > 1:
+                while rejected == chosen and varied:
                     rejected = pool[rng.randrange(len(pool))]
             if rejected != chosen:
                 pairs.append({"prompt": msgs[:-1], "chosen": chosen, "rejected": rejected,
