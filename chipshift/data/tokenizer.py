@@ -81,20 +81,26 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def _compiled_template(self):
+        """The chat template compiled once (SFT data renders it thousands of times)."""
+        source = self.chat_template
+        if getattr(self, "_template", (None, None))[0] != source:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+            def raise_exception(message):
+                raise ChipshiftError(f"chat template: {message}")
+
+            env.globals["raise_exception"] = raise_exception
+            self._template = (source, env.from_string(source))
+        return self._template[1]
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render OpenAI-style messages with the tokenizer's own Jinja template."""
         if not self.chat_template:
             raise ChipshiftError("this tokenizer has no chat template")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-        def raise_exception(message):
-            raise ChipshiftError(f"chat template: {message}")
-
-        env.globals["raise_exception"] = raise_exception
-        template = env.from_string(self.chat_template)
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+        return self._compiled_template().render(messages=messages, add_generation_prompt=add_generation_prompt,
                                bos_token=self._token_str("bos_token") or "",
                                eos_token=self._token_str("eos_token") or "")
 
