@@ -222,3 +222,20 @@ def test_chitchat_windows_are_multi_turn():
     assert len(convs) > 500
     assert max(len(c) for c in convs) > 2
     assert all(len(c) % 2 == 0 and [m["role"] for m in c[:2]] == ["user", "assistant"] for c in convs)
+
+
+@pytest.mark.slow
+def test_mask_with_the_real_smollm2_tokenizer_matches_transformers(tmp_path):
+    """The SmolLM2-135M-Instruct tokenizer from its GGUF: the same ids as transformers'
+    apply_chat_template, and the mask exactly on the replies."""
+    from transformers import AutoTokenizer
+
+    from chipshift.model.gguf import write_tokenizer
+
+    write_tokenizer(smollm2_gguf(), gguf.GGUFReader(str(smollm2_gguf())), tmp_path)
+    tok = Tokenizer.load(tmp_path)
+    ex = encode_chat(tok, CONVERSATION)
+    ids = AutoTokenizer.from_pretrained(str(tmp_path)).apply_chat_template(
+        CONVERSATION, tokenize=True, add_generation_prompt=False)
+    assert list(ids["input_ids"] if hasattr(ids, "keys") else ids) == ex.ids
+    assert masked_text(tok, ex) == "Hello there. 你好！<|im_end|> I am Shifty, made by the chipshift project.<|im_end|>"
