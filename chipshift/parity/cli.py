@@ -1,0 +1,155 @@
+"""`chipshift parity dump | compare | handoff`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+from chipshift.parity.compare import Thresholds, compare_dumps
+from chipshift.parity.dump import DEFAULT_MAX_TENSOR_MB, Dump, dump_checkpoint
+from chipshift.parity.handoff import handoff
+from chipshift.parity.report import write_report
+
+THRESHOLD_HELP = {
+    "cos_fail": "fail when cosine is below this together with max error above --max-err-fail",
+    "max_err_fail": "max |B - A| / max |A| above which a cosine under --cos-fail fails",
+    "cos_hard_fail": "fail when cosine is below this, whatever the max error",
+    "rel_l2_fail": "fail when |B - A| / |A| exceeds this (cosine alone is blind to a rescale)",
+    "cos_warn": "warn when cosine is below this",
+    "stats_fail": "statistics only: fail when L2 norms differ by more than this (relative)",
+    "stats_warn": "statistics only: warn when L2 norms differ by more than this",
+    "loss_fail": "fail when a step's losses differ by more than this (relative)",
+    "loss_warn": "warn when a step's losses differ by more than this",
+    "ratio_warn": "with --reference: warn when B's error vs R exceeds this multiple of A's",
+    "ratio_fail": "with --reference: fail when B's error vs R exceeds this multiple of A's",
+}
+
+
+def _add_dump_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("the run that is dumped")
+    g.add_argument("--batch", metavar="FILE", help='JSON token ids: [[...], ...] or {"input_ids": ...} '
+                   "(default: a built-in text through the checkpoint's tokenizer, else seeded random ids); "
+                   "a dump's batch.json can be passed to reproduce its batch")
+    g.add_argument("--batch-size", type=int, default=2, help="rows of the default batch (default 2)")
+    g.add_argument("--seq-len", type=int, default=32, help="tokens per row of the default batch (default 32)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the default batch and of the run (default 0)")
+    g.add_argument("--steps", type=int, default=0, help="AdamW steps after the recorded pass; their losses "
+                   "make the loss curve (default 0)")
+    g.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate for --steps (default 1e-3)")
+    g.add_argument("--max-tensor-mb", type=float, default=DEFAULT_MAX_TENSOR_MB,
+                   help=f"keep the tensors themselves when they all fit in this many MiB, else statistics "
+                        f"only; 0 = statistics only (default {DEFAULT_MAX_TENSOR_MB:g})")
+    g.add_argument("--compile", action="store_true", help="run the model through torch.compile")
+    g.add_argument("--threads", type=int, help="torch.set_num_threads for the run")
+    g.add_argument("--no-deterministic", action="store_true",
+                   help="do not ask torch for deterministic algorithms")
+
+
+def _dump_kwargs(args) -> dict:
+    return dict(batch_file=args.batch, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
+                steps=args.steps, lr=args.lr, max_tensor_mb=args.max_tensor_mb, compile=args.compile,
+                threads=args.threads, deterministic=not args.no_deterministic)
+
+
+def _add_threshold_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("thresholds (defaults depend on the coarser dtype; see docs/parity.md)")
+    for f in dataclasses.fields(Thresholds):
+        g.add_argument("--" + f.name.replace("_", "-"), type=float, dest=f.name, help=THRESHOLD_HELP[f.name])
+
+
+def _overrides(args) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(Thresholds)}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("parity", help="dump, compare and hand off between chips, module by module",
+                       description="Prove that two chips (or dtypes, or compilers) compute the same: "
+                                   "dump every module's outputs and gradients, compare two dumps, name "
+                                   "the first module that diverges, verify a checkpoint handoff.")
+    psub = p.add_subparsers(dest="parity_command", metavar="SUBCOMMAND", required=True)
+
+    d = psub.add_parser("dump", help="record every module's output and input gradient on a fixed batch",
+                        description="Load CKPT on --device in --dtype, run a fixed seeded batch forward and "
+                                    "backward (and --steps AdamW steps) with every module hooked, and write "
+                                    "dump.json (statistics, losses, environment), tensors.safetensors (while "
+                                    "they fit --max-tensor-mb) and batch.json to --out.")
+    d.add_argument("checkpoint", help="chipshift checkpoint directory")
+    d.add_argument("--device", default="cpu", help="cpu, cuda, npu, mlu, xpu, musa, mps, with :INDEX (default cpu)")
+    d.add_argument("--dtype", default="auto", help="float64 (a CPU reference), float32, bfloat16, float16, "
+                   "or auto: the device's compute dtype (default auto)")
+    d.add_argument("--out", required=True, help="dump directory to write")
+    _add_dump_options(d)
+    d.set_defaults(func=run_dump)
+
+    c = psub.add_parser("compare", help="compare two dumps; name the first diverging module; exit 1 on failure",
+                        description="Compare dump B with dump A per module, forward then backward, judge each "
+                                    "by thresholds for the coarser dtype (or, with --reference R, by the "
+                                    "error-ratio rule err(B,R)/err(A,R)), compare the loss curves, write "
+                                    "report.md, report.json, depth.png and loss.png, and exit 1 when the "
+                                    "verdict is fail.")
+    c.add_argument("a", help="dump A (the baseline: the chip you trust)")
+    c.add_argument("b", help="dump B (the chip under test)")
+    c.add_argument("--reference", metavar="R", help="a float64 CPU dump: apply the error-ratio rule")
+    c.add_argument("--out", help="report directory (default: B/report)")
+    _add_threshold_options(c)
+    c.set_defaults(func=run_compare)
+
+    h = psub.add_parser("handoff", help="verify a checkpoint on a new chip and record the verdict in it",
+                        description="Verify CKPT's checksums, dump it on --from and on --to, compare, write "
+                                    "the report and append the verdict to the checkpoint's sidecar; later "
+                                    "stages refuse a checkpoint whose last handoff failed unless --force.")
+    h.add_argument("checkpoint", help="chipshift checkpoint directory")
+    h.add_argument("--from", dest="source", required=True, metavar="DEVICE[:DTYPE]",
+                   help="where the checkpoint was made, e.g. cpu:float32 or cuda:0:bfloat16")
+    h.add_argument("--to", dest="target", required=True, metavar="DEVICE[:DTYPE]",
+                   help="where it moves, e.g. npu:bfloat16")
+    h.add_argument("--reference", metavar="DEVICE[:DTYPE]", help="also dump a reference (cpu:float64) and "
+                   "judge by the error-ratio rule")
+    h.add_argument("--out", help="directory for the dumps and the report (default: CKPT.handoff)")
+    _add_dump_options(h)
+    _add_threshold_options(h)
+    h.set_defaults(func=run_handoff)
+
+
+def run_dump(args) -> int:
+    out = dump_checkpoint(args.checkpoint, args.out, device=args.device, dtype=args.dtype, **_dump_kwargs(args))
+    dump = Dump(out)
+    kept = "statistics only: " + dump.doc["stats_only"] if dump.doc["stats_only"] else "tensors kept"
+    print(f"wrote {out}: {len(dump.doc['records'])} records on {dump.label}, {kept}; "
+          f"losses {', '.join(f'{x:.6g}' for x in dump.doc['losses'])}")
+    return 0
+
+
+def _print_result(result: dict, out: Path, seconds: float) -> None:
+    ff, s = result["first_failing"], result["summary"]
+    print(f"verdict: {result['verdict'].upper()} ({result['rule']}, compared by {result['mode']})")
+    print(f"first failing module: forward {ff['forward'] or 'none'}, backward {ff['backward'] or 'none'}")
+    for direction in ("forward", "backward"):
+        x = s[direction]
+        print(f"{direction}: {x['modules']} modules, {x['fail']} fail, {x['warn']} warn, median error "
+              f"{x['median_error']:.3g}, max {x['max_error']:.3g} at {x['max_error_module']}")
+    print(f"loss: max relative difference {result['loss']['max_rel_diff']:.3g} ({result['loss']['verdict']})")
+    for note in result["notes"]:
+        print(f"note: {note}")
+    print(f"report: {out / 'report.md'} ({seconds:.1f} s)")
+
+
+def run_compare(args) -> int:
+    t0 = time.perf_counter()
+    a, b = Dump(args.a), Dump(args.b)
+    ref = Dump(args.reference) if args.reference else None
+    result = compare_dumps(a, b, ref, **_overrides(args))
+    out = write_report(result, args.out or Path(args.b) / "report", a.doc["model"]["config"]["num_layers"])
+    _print_result(result, out, time.perf_counter() - t0)
+    return 1 if result["verdict"] == "fail" else 0
+
+
+def run_handoff(args) -> int:
+    t0 = time.perf_counter()
+    record, result = handoff(args.checkpoint, args.source, args.target, reference=args.reference,
+                             out=args.out, thresholds=_overrides(args), **_dump_kwargs(args))
+    _print_result(result, Path(record["report"]).parent, time.perf_counter() - t0)
+    print(f"recorded handoff {record['from']} -> {record['to']}: {record['verdict']} in {args.checkpoint}")
+    return 1 if record["verdict"] == "fail" else 0
