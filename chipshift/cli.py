@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "chipshift.plan.cli",
     "chipshift.train.cli",
     "chipshift.infer.cli",
+    "chipshift.parity.cli",
 )
 
 
