@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chipshift.data.chat import (IGNORE_INDEX, ChatExample, encode_chat, encode_preference, example_labels,
-                                 pack, preference_pair)
+from chipshift.data.chat import (IGNORE_INDEX, ChatExample, encode_chat, encode_chats, encode_preference,
+                                 example_labels, pack, preference_pair)
 from chipshift.data.packages import smollm2_gguf
 from chipshift.data.posttrain_data import (IDENTITY_NAME, dpo_pairs, identity_conversations, identity_correct,
                                            identity_eval, load_preference_jsonl, load_sft_jsonl,
@@ -74,6 +74,13 @@ def test_mask_covers_exactly_the_assistant_replies_and_their_end_of_turn(any_tok
         no_system = encode_chat(any_tok, CONVERSATION[1:])
         assert "SmolLM" in any_tok.decode(no_system.ids) and "SmolLM" not in masked_text(any_tok, no_system)
         assert masked_text(any_tok, no_system) == masked_text(any_tok, ex)
+
+
+def test_batch_encoding_equals_one_by_one(any_tok):
+    convs = [CONVERSATION, CONVERSATION[1:3], CONVERSATION[3:]]
+    assert encode_chats(any_tok, convs) == [encode_chat(any_tok, c) for c in convs]
+    with pytest.raises(ChipshiftError, match="conversation 1: message 0 has role 'bot'"):
+        encode_chats(any_tok, [CONVERSATION, [{"role": "bot", "content": "x"}]])
 
 
 def test_only_last_reply_and_errors(tok):

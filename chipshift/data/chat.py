@@ -80,23 +80,31 @@ def assistant_spans(tok: Tokenizer, messages: list[dict], only_last: bool = Fals
         start = len(prefix)
         content_at = upto.find(messages[i]["content"], start)
         after = content_at + len(messages[i]["content"]) if content_at >= 0 else start
-        ends = [(upto.find(s, after), s) for s in stops]
-        ends = [(pos, s) for pos, s in ends if pos >= 0]
-        end = min(ends)[0] + len(min(ends)[1]) if ends else len(upto.rstrip())
-        spans.append((start, end))
+        ends = [pos + len(s) for s in stops if (pos := upto.find(s, after)) >= 0]
+        spans.append((start, min(ends) if ends else len(upto.rstrip())))
     return text, spans
 
 
+def encode_chats(tok: Tokenizer, conversations: list[list[dict]], only_last: bool = False) -> list[ChatExample]:
+    """Token ids and loss masks of many conversations (all assistant replies, or only the
+    last); the texts are tokenised in one parallel batch."""
+    rendered = [assistant_spans(tok, check_messages(m, f"conversation {i}"), only_last)
+                for i, m in enumerate(conversations)]
+    encodings = tok.tok.encode_batch([text for text, _ in rendered], add_special_tokens=False)
+    examples = []
+    for (_, spans), enc in zip(rendered, encodings):
+        starts = [s for s, _ in spans]
+        mask = []
+        for begin, _ in enc.offsets:
+            k = bisect.bisect_right(starts, begin) - 1
+            mask.append(int(k >= 0 and begin < spans[k][1]))
+        examples.append(ChatExample(list(enc.ids), mask))
+    return examples
+
+
 def encode_chat(tok: Tokenizer, messages: list[dict], only_last: bool = False) -> ChatExample:
-    """Token ids of a conversation and its loss mask (all assistant replies, or only the last)."""
-    text, spans = assistant_spans(tok, check_messages(messages), only_last)
-    enc = tok.tok.encode(text, add_special_tokens=False)
-    starts = [s for s, _ in spans]
-    mask = []
-    for begin, _ in enc.offsets:
-        k = bisect.bisect_right(starts, begin) - 1
-        mask.append(int(k >= 0 and begin < spans[k][1]))
-    return ChatExample(list(enc.ids), mask)
+    """Token ids of one conversation and its loss mask."""
+    return encode_chats(tok, [messages], only_last)[0]
 
 
 # -- packing -------------------------------------------------------------------------------
@@ -210,5 +218,6 @@ def preference_pair(record, where: str = "record") -> PreferencePair:
 
 def encode_preference(tok: Tokenizer, pair: PreferencePair) -> tuple[ChatExample, ChatExample]:
     """(chosen, rejected) examples; each masks only its final reply."""
-    return tuple(encode_chat(tok, pair.prompt + [{"role": "assistant", "content": reply}], only_last=True)
-                 for reply in (pair.chosen, pair.rejected))
+    chosen, rejected = encode_chats(tok, [pair.prompt + [{"role": "assistant", "content": reply}]
+                                          for reply in (pair.chosen, pair.rejected)], only_last=True)
+    return chosen, rejected
