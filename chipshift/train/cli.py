@@ -51,6 +51,8 @@ def run(args) -> int:
 
     cfg = config_from_args(args)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if not result.is_main:
+        return 0
     if result.stopped == "signal":
         print(f"stopped at step {result.step}; checkpoint {result.checkpoint}; continue with --resume")
         return 130

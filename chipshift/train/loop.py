@@ -61,6 +61,7 @@ class TrainResult:
     last_val_loss: float | None = None
     skipped_steps: int = 0
     png: Path | None = None
+    is_main: bool = True  # False on the other processes of a torchrun group
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -158,6 +159,9 @@ class Trainer:
         self.cursor = 0  # samples consumed over all processes
         self.bad_in_row = 0
         self.bad_total = 0
+        self.saved_step = -1
+        # measured now, before any restore: the CPU probe draws from the global RNG
+        self.peak_flops, self.peak_source = dev.peak_flops(self.dtype)
         self.flops_per_token = flops_per_token(model_cfg, getattr(train_stream, "seq_len", model_cfg.max_seq_len))
 
     # -- set-up checks -----------------------------------------------------------------
@@ -266,12 +270,22 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------
     def weights(self) -> dict[str, torch.Tensor]:
+        adapter = getattr(self.model, "adapter", None)
+        if adapter is not None:  # LoRA: saved merged, clean names; the adapter goes in the state
+            return adapter.merged_state_dict()
         if self.master:
             return {n: m.detach().to("cpu").contiguous().clone() for n, m in self.master.named_parameters()}
         return state_dict_for_save(self.model)
 
+    def _trainable(self) -> list[tuple[str, torch.Tensor]]:
+        return self.master.named_parameters() if self.master else \
+            [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {**state.optimizer_tensors(self.optimizer, self.param_names), "rng.cpu": torch.get_rng_state()}
+        adapter = {f"trainable.{n}": p.detach().to("cpu").contiguous().clone() for n, p in self._trainable()} \
+            if getattr(self.model, "adapter", None) is not None else {}
+        return {**state.optimizer_tensors(self.optimizer, self.param_names), "rng.cpu": torch.get_rng_state(),
+                **adapter}
 
     def meta(self) -> dict:
         return {"data_cursor": self.cursor, "bad_in_row": self.bad_in_row, "bad_total": self.bad_total,
@@ -282,6 +296,7 @@ class Trainer:
 
     def save(self, run_dir: Path, tokenizer_dir=None) -> Path | None:
         path = None
+        self.saved_step = self.step
         if self.world.is_main:
             path = state.save(run_dir, self.step, self.weights(), self.model_cfg, self.state_tensors(),
                               self.meta(), tokenizer_dir=tokenizer_dir, device=str(self.device),
@@ -296,7 +311,14 @@ class Trainer:
         if meta.get("global_batch") != self.cfg.data.batch_size:
             raise ConfigError(f"data.batch_size = {self.cfg.data.batch_size}: the checkpoint {path.name} "
                               f"was trained with {meta.get('global_batch')}; keep it to resume exactly")
-        if self.master:
+        if getattr(self.model, "adapter", None) is not None:  # frozen base from init, adapter from the state
+            for n, p in self._trainable():
+                if f"trainable.{n}" not in tensors:
+                    raise ChipshiftError(f"checkpoint {path}: no adapter tensor {n}; keep the run's [lora] settings")
+                p.copy_(tensors[f"trainable.{n}"])
+            if self.master:
+                self.master.to_model()
+        elif self.master:
             for n, m in self.master.named_parameters():
                 m.copy_(weights[n])
             self.master.to_model()
@@ -311,6 +333,7 @@ class Trainer:
             self.scaler.load_state_dict(meta["scaler"])
         self.step, self.cursor = meta["step"], meta["data_cursor"]
         self.bad_in_row, self.bad_total = meta["bad_in_row"], meta["bad_total"]
+        self.saved_step = self.step
 
 
 # -- a whole run -------------------------------------------------------------------------
@@ -389,7 +412,11 @@ def train(cfg: TrainConfig, objective: Objective | None = None, train_stream: St
 
 
 def _run(trainer: Trainer, run_dir: Path, resume_from, tokenizer_dir, bytes_per_token, progress) -> TrainResult:
-    cfg, world, log = trainer.cfg, trainer.world, trainer.log
+    cfg, world = trainer.cfg, trainer.world
+
+    def log(message: str) -> None:  # through tqdm, so the bar stays intact
+        if world.is_main:
+            tqdm.write(message) if progress else trainer.log(message)
     metrics = MetricsLog(run_dir, enabled=world.is_main)
     if resume_from is not None:
         trainer.restore(*resume_from)
@@ -402,7 +429,7 @@ def _run(trainer: Trainer, run_dir: Path, resume_from, tokenizer_dir, bytes_per_
             "compute_dtype": dtype_name(trainer.dtype), "precision": trainer.precision,
             "half_matmul_upcast": trainer.upcast, "processes": world.size, "micro_batch": trainer.micro,
             "grad_accum": trainer.accum, "objective": trainer.objective.name, "tokenizer": str(tokenizer_dir)}})
-    peak, peak_source = trainer.device.peak_flops(trainer.dtype)
+    peak, peak_source = trainer.peak_flops, trainer.peak_source
     log(f"model {trainer.model_cfg.num_params() / 1e6:.1f}M params; batch {cfg.data.batch_size} x "
         f"{cfg.data.seq_len} = {world.size} process(es) x {trainer.micro} x {trainer.accum} accumulation; "
         f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
@@ -420,7 +447,7 @@ def _run(trainer: Trainer, run_dir: Path, resume_from, tokenizer_dir, bytes_per_
         if bytes_per_token and "val_loss" in result:
             result["val_bpb"] = result["val_loss"] / math.log(2) / bytes_per_token
         metrics.write({"step": trainer.step, **result})
-        bar.write(f"step {trainer.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        log(f"step {trainer.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
         return result.get("val_loss")
 
     with _StopSignal() as stop:
@@ -451,7 +478,7 @@ def _run(trainer: Trainer, run_dir: Path, resume_from, tokenizer_dir, bytes_per_
             if distributed.any_flag(stop.raised, world):
                 last_ckpt = trainer.save(run_dir, tokenizer_dir)
                 stopped = "signal"
-                bar.write(f"stopped by a signal at step {trainer.step}; checkpoint {last_ckpt}")
+                log(f"stopped by a signal at step {trainer.step}; checkpoint {last_ckpt}")
                 break
             if cfg.train.ckpt_every and trainer.step % cfg.train.ckpt_every == 0:
                 last_ckpt = trainer.save(run_dir, tokenizer_dir)
@@ -459,10 +486,10 @@ def _run(trainer: Trainer, run_dir: Path, resume_from, tokenizer_dir, bytes_per_
     png = None
     if stopped == "done":
         last_val = do_eval() if trainer.val_stream is not None else last_val
-        if last_ckpt is None or not last_ckpt.name.endswith(f"{trainer.step:08d}"):
+        if trainer.saved_step != trainer.step:
             last_ckpt = trainer.save(run_dir, tokenizer_dir)
         if world.is_main and metrics.path.exists():
             png = plot_loss(metrics.path, run_dir / "loss.png",
                             f"{trainer.objective.name}: {trainer.model_cfg.num_params() / 1e6:.1f}M params")
     metrics.close()
-    return TrainResult(run_dir, trainer.step, stopped, last_ckpt, last_val, trainer.bad_total, png)
+    return TrainResult(run_dir, trainer.step, stopped, last_ckpt, last_val, trainer.bad_total, png, world.is_main)

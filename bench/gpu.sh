@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The matmul ceiling and the training MFU of a ~350M-parameter Llama on one NVIDIA GPU,
+# bf16 with torch.compile, through chipshift's own training step; under 5 minutes.
+#
+#   bench/gpu.sh               on the GPU (device cuda:0); prints a short table, then one JSON line
+#   bench/gpu.sh --dry-run     the same plumbing on the CPU with a tiny model, fp32, no compile
+#
+# MFU counts model FLOPs (6 per matmul weight per token + attention, see
+# chipshift.train.loop.flops_per_token) against both the catalogue peak of the chip and the
+# bf16 GEMM ceiling measured here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+
+MODE=gpu
+case "${1:-}" in
+  --dry-run) MODE=dry ;;
+  "") ;;
+  *) echo "usage: bench/gpu.sh [--dry-run]" >&2; exit 2 ;;
+esac
+
+MODE=$MODE PYTHONPATH=. exec "$PY" - <<'PYEOF'
+import json, os, statistics, time
+
+import numpy as np
+import torch
+
+from chipshift.devices import get_device, measure_matmul_flops, parse_dtype
+from chipshift.model.config import ModelConfig
+from chipshift.train.config import from_dict
+from chipshift.train.data import TokenWindows
+from chipshift.train.loop import Trainer, flops_per_token
+from chipshift.train.objectives import LanguageModeling
+
+dry = os.environ["MODE"] == "dry"
+if dry:  # plumbing check on the CPU: tiny shape, fp32, eager
+    device, dtype, compile_, batch, micro, seq, warmup, steps, gemm_n = "cpu", "float32", False, 4, 4, 64, 1, 2, 256
+    shape = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4,
+                 intermediate_size=128, max_seq_len=seq)
+else:  # ~350M parameters: 24 x 1024, SwiGLU 2816, 16 heads, 32k vocabulary, tied
+    device, dtype, compile_, batch, micro, seq, warmup, steps, gemm_n = "cuda:0", "bfloat16", True, 32, 16, 1024, 6, 20, 8192
+    shape = dict(vocab_size=32000, hidden_size=1024, num_layers=24, num_heads=16, num_kv_heads=16,
+                 intermediate_size=2816, max_seq_len=seq)
+
+dev = get_device(device)
+t_start = time.perf_counter()
+ceiling = measure_matmul_flops(dev.torch_device, parse_dtype(dtype), n=gemm_n, seconds=2.0, sync=dev.synchronize)
+catalogue, source = dev.peak_flops(dtype)
+
+mcfg = ModelConfig(**shape)
+cfg = from_dict({"run": {"device": device, "dtype": dtype, "compile": compile_},
+                 "model": shape, "data": {"seq_len": seq, "batch_size": batch, "micro_batch": micro},
+                 "optim": {"warmup_steps": 0, "schedule": "constant", "lr": 3e-4},
+                 "train": {"steps": warmup + steps}})
+tokens = np.random.default_rng(0).integers(0, mcfg.vocab_size, batch * (seq + 1) * (warmup + steps + 1))
+trainer = Trainer(cfg, LanguageModeling(), TokenWindows(tokens, seq), model_cfg=mcfg, device=dev, log=lambda *a: None)
+dev.reset_peak_memory()
+t0 = time.perf_counter()
+for _ in range(warmup):  # includes the compile
+    trainer.train_step()
+dev.synchronize()
+compile_s = time.perf_counter() - t0
+times = []
+for _ in range(steps):
+    t0 = time.perf_counter()
+    stats = trainer.train_step()  # ends with a host read of the loss: the step is complete
+    times.append(time.perf_counter() - t0)
+tps = batch * seq / statistics.median(times)
+model_flops = tps * flops_per_token(mcfg, seq)
+row = {
+    "device": dev.name, "dtype": dtype, "compile": compile_, "params_m": round(mcfg.num_params() / 1e6, 1),
+    "batch": f"{batch}x{seq} ({micro} per micro-batch)", "gemm_ceiling_tflops": ceiling / 1e12,
+    "catalogue_peak_tflops": catalogue / 1e12, "peak_source": source, "tokens_per_s": tps,
+    "mfu_vs_catalogue": model_flops / catalogue, "mfu_vs_ceiling": model_flops / ceiling,
+    "warmup_and_compile_s": compile_s, "step_s_median": statistics.median(times),
+    "peak_memory_gib": dev.max_memory_allocated() / 2**30, "final_loss": stats.loss,
+    "total_s": time.perf_counter() - t_start,
+}
+width = max(map(len, row))
+for k, v in row.items():
+    print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+print(json.dumps({"bench": "gpu", "dry_run": dry, **row}))
+PYEOF

@@ -1,0 +1,60 @@
+"""Evaluation after a post-training stage.
+
+- Held-out loss: the objective on the held-out stream (the loop's `val_loss`).
+- Identity accuracy (SFT): each held-out identity question (`identity_eval()`: phrasings
+  never seen in training) is asked as one user turn through the checkpoint's chat
+  template; the reply is generated greedily (at most `max_new_tokens`, stopping at an
+  end-of-turn token) and is correct when it contains the key fact (case-insensitive exact
+  substring: the name "Shifty" or the maker "chipshift").
+- Preference accuracy (DPO): the share of held-out pairs where the policy gives the chosen
+  reply a strictly higher summed log-probability than the rejected one,
+  logp(chosen | prompt) > logp(rejected | prompt), each summed over the reply's tokens
+  and its end-of-turn token. It needs no reference model, so the SFT model and the DPO
+  model are measured on the same scale. (The loop's `val_reward_acc` is the
+  reference-relative version: chosen_reward > rejected_reward.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from chipshift.data.posttrain_data import identity_correct, identity_eval
+from chipshift.model.generate import encode_prompt, generate_naive
+from chipshift.train.posttrain import PairRows, sequence_logps
+
+
+@torch.no_grad()
+def answer(model, tok, question: str, max_new_tokens: int = 32) -> str:
+    """The model's greedy reply to one user turn."""
+    was_training = model.training
+    model.eval()
+    ids = encode_prompt(tok, question, chat=True)
+    out = generate_naive(model, ids, max_new_tokens, stop_ids=tok.stop_ids())
+    model.train(was_training)
+    return tok.decode(out)
+
+
+def identity_accuracy(model, tok, max_new_tokens: int = 32) -> tuple[float, list[dict]]:
+    """(share correct, one row per held-out question with the reply)."""
+    rows = []
+    for question, fact in identity_eval():
+        reply = answer(model, tok, question, max_new_tokens)
+        rows.append({"question": question, "key_fact": fact, "reply": reply,
+                     "correct": identity_correct(reply, fact)})
+    return sum(r["correct"] for r in rows) / len(rows), rows
+
+
+@torch.no_grad()
+def preference_accuracy(model, stream: PairRows, batch_pairs: int = 8) -> float:
+    """Share of the stream's pairs with logp(chosen) > logp(rejected) under `model`."""
+    was_training = model.training
+    model.eval()
+    device = model.output_weight.device
+    wins = 0
+    for s in range(0, len(stream.pairs), batch_pairs):
+        index = list(range(s, min(s + batch_pairs, len(stream.pairs))))
+        batch = {k: v.to(device) for k, v in stream.rows(index).items() if k != "ref_logps"}
+        logps = sequence_logps(model, batch)
+        wins += int((logps[:len(index)] > logps[len(index):]).sum())
+    model.train(was_training)
+    return wins / len(stream.pairs)

@@ -1,0 +1,279 @@
+"""`chipshift sft CONFIG.toml` and `chipshift dpo CONFIG.toml`: post-training on the one loop.
+
+The config is a training config ([run] [data] [optim] [train], as for `pretrain`; see
+`chipshift.train.config`) plus:
+
+    [sft] or [dpo]
+      init              the checkpoint to start from (any chipshift checkpoint: pre-trained
+                        here, or imported with `chipshift import`); its tokenizer and chat
+                        template are used, and it is the DPO reference model
+      data              built-in sources ("identity,chatterbot,chitchat") or a JSONL file
+                        (SFT: {"messages": [...]} per line; DPO: {"prompt", "chosen",
+                        "rejected"} or full conversations per line)
+      val_data          held-out JSONL; default: the built-in held-out split, or every 20th
+                        record of a JSONL `data`
+      limit_per_source  keep the first N chatterbot / chitchat conversations (0 = all)
+      identity_repeats  SFT: how many times the identity set is repeated
+      beta              DPO: the strength of the KL constraint (default 0.1)
+      force             start even if the init checkpoint's last handoff failed
+    [lora]
+      enabled, rank, alpha, dropout, targets (see `chipshift.model.lora`)
+
+`data.seq_len` is the packing length (SFT) or the longest row (DPO; longer examples are
+cut); `data.batch_size` counts packed rows (SFT) or pairs (DPO) per optimizer step.
+After training the evaluation of `chipshift.train.evaluate` runs on the init model and on
+the result, and is written to RUN/eval.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tomllib
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from chipshift.errors import ConfigError
+from chipshift.model.lora import LoRAConfig
+from chipshift.train.cli import add_common_arguments
+from chipshift.train.config import SECTIONS, TrainConfig, _check_value, apply_overrides, from_dict
+
+
+@dataclass
+class PostTrainSection:
+    init: str = ""
+    data: str = "identity,chatterbot,chitchat"
+    val_data: str = ""
+    limit_per_source: int = 0
+    identity_repeats: int = 1
+    beta: float = 0.1
+    force: bool = False
+    eval_max_new_tokens: int = 32
+
+
+@dataclass
+class PostTrainConfig:
+    kind: str  # "sft" | "dpo"
+    train: TrainConfig
+    post: PostTrainSection = field(default_factory=PostTrainSection)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
+def _section(raw: dict, name: str, cls, lists: tuple = ()):
+    section = raw.get(name, {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"[{name}] must be a table, got {section!r}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in section.items():
+        if key not in hints:
+            raise ConfigError(f"unknown key {name}.{key} = {value!r}; allowed in [{name}]: {', '.join(hints)}")
+        if key in lists:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{name}.{key} = {value!r}: must be a list of names")
+            values[key] = value
+        else:
+            values[key] = _check_value(f"{name}.{key}", value, hints[key])
+    return cls(**values)
+
+
+def load_posttrain_config(kind: str, path: str | Path, overrides: list[str] = ()) -> PostTrainConfig:
+    """Parse and check a `sft` / `dpo` config; `--set` works on every section."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    raw = apply_overrides(raw, list(overrides))
+    other = "dpo" if kind == "sft" else "sft"
+    if other in raw:
+        raise ConfigError(f"[{other}] in a `chipshift {kind}` config: use [{kind}]")
+    if "model" in raw:
+        raise ConfigError(f"[model] in a `chipshift {kind}` config: the model is {kind}.init's")
+    post = _section(raw, kind, PostTrainSection)
+    lora = _section(raw, "lora", LoRAConfig, lists=("targets",))
+    if lora.enabled:
+        lora.check()
+    if not post.init:
+        raise ConfigError(f"{kind}.init = '': set it to a chipshift checkpoint directory")
+    if kind == "sft" and post.beta != PostTrainSection.beta:
+        raise ConfigError("sft.beta: beta is a DPO setting")
+    if post.beta <= 0:
+        raise ConfigError(f"dpo.beta = {post.beta}: must be > 0")
+    raw.setdefault("run", {}).setdefault("out", f"runs/{kind}")
+    train = from_dict({k: v for k, v in raw.items() if k in SECTIONS})
+    return PostTrainConfig(kind, train, post, lora)
+
+
+# -- data ---------------------------------------------------------------------------------------
+def _is_file(spec: str) -> bool:
+    return spec.endswith(".jsonl") or Path(spec).is_file()
+
+
+def sft_conversations(post: PostTrainSection) -> tuple[list, list]:
+    from chipshift.data import posttrain_data as pd
+
+    limit = post.limit_per_source or None
+    if _is_file(post.data):
+        convs = pd.load_sft_jsonl(post.data)
+        if post.val_data:
+            return convs, pd.load_sft_jsonl(post.val_data)
+        return [c for i, c in enumerate(convs) if i % 20 != 19], [c for i, c in enumerate(convs) if i % 20 == 19]
+    val = pd.load_sft_jsonl(post.val_data) if post.val_data else pd.sft_conversations(post.data, "val", limit)
+    return pd.sft_conversations(post.data, "train", limit, post.identity_repeats), val
+
+
+def preference_pairs(post: PostTrainSection) -> tuple[list, list]:
+    from chipshift.data import posttrain_data as pd
+    from chipshift.data.chat import preference_pair
+
+    if _is_file(post.data):
+        pairs = pd.load_preference_jsonl(post.data)
+        if post.val_data:
+            return pairs, pd.load_preference_jsonl(post.val_data)
+        return [p for i, p in enumerate(pairs) if i % 20 != 19], [p for i, p in enumerate(pairs) if i % 20 == 19]
+    limit = post.limit_per_source or None
+    built = [[preference_pair(r) for r in pd.dpo_pairs(post.data, split, limit)] for split in ("train", "val")]
+    if post.val_data:
+        built[1] = pd.load_preference_jsonl(post.val_data)
+    return built[0], built[1]
+
+
+def build_streams(cfg: PostTrainConfig, tok, seed: int):
+    """(train stream, val stream) of packed rows (SFT) or pairs (DPO)."""
+    from chipshift.data.chat import encode_preference
+    from chipshift.train.posttrain import PackedRows, PairRows, pack_conversations
+
+    seq_len = cfg.train.data.seq_len
+    if cfg.kind == "sft":
+        train, val = sft_conversations(cfg.post)
+        return (PackedRows(pack_conversations(tok, train, seq_len), seed),
+                PackedRows(pack_conversations(tok, val, seq_len), shuffle=False) if val else None)
+    train, val = preference_pairs(cfg.post)
+    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    streams = [PairRows([encode_preference(tok, p) for p in pairs], seq_len, pad, seed=seed, shuffle=shuffle)
+               for pairs, shuffle in ((train, True), (val, False)) if pairs]
+    return streams[0], (streams[1] if len(streams) > 1 else None)
+
+
+# -- a run --------------------------------------------------------------------------------------
+def _evaluate(cfg: PostTrainConfig, model, tok, val_stream) -> dict:
+    from chipshift.train.evaluate import identity_accuracy, preference_accuracy
+
+    if cfg.kind == "sft":
+        acc, rows = identity_accuracy(model, tok, cfg.post.eval_max_new_tokens)
+        return {"identity_accuracy": acc, "identity": rows}
+    return {"preference_accuracy": preference_accuracy(model, val_stream)} if val_stream else {}
+
+
+def run_posttrain(cfg: PostTrainConfig, *, resume: bool = False, force: bool = False,
+                  progress: bool = True, log=print) -> tuple:
+    """Set up and run one SFT or DPO run; returns (TrainResult, evaluation dict)."""
+    from chipshift.data.tokenizer import Tokenizer
+    from chipshift.devices import get_device
+    from chipshift.model.checkpoint import load_checkpoint, read_sidecar
+    from chipshift.model.lora import apply_lora
+    from chipshift.parity.handoff import check_handoff_allowed
+    from chipshift.train import distributed
+    from chipshift.train.loop import train
+    from chipshift.train.posttrain import DPO, SFT, cached_reference, compute_reference
+
+    tcfg, post = cfg.train, cfg.post
+    check_handoff_allowed(post.init, force=force or post.force)
+    tok = Tokenizer.load(post.init)
+    model, sidecar = load_checkpoint(post.init, "cpu", torch.float32)
+    if tcfg.data.seq_len > model.cfg.max_seq_len:
+        raise ConfigError(f"data.seq_len = {tcfg.data.seq_len}: the model's max_seq_len is {model.cfg.max_seq_len}")
+    train_stream, val_stream = build_streams(cfg, tok, tcfg.run.seed)
+    run_dir = Path(tcfg.run.out)
+    device = get_device(tcfg.run.device)
+    world = distributed.init(device)
+    try:
+        evaluation = {}
+        if world.is_main:
+            model.to(device.torch_device)
+            evaluation["before"] = _evaluate(cfg, model, tok, val_stream)
+        if cfg.kind == "dpo":
+            ref_hash = sidecar["files"]["model.safetensors"]["sha256"]
+            model.to(device.torch_device)
+            for stream in (s for s in (train_stream, val_stream) if s is not None):
+                if world.is_main:
+                    _, path, computed = cached_reference(run_dir, stream, ref_hash, lambda s=stream: compute_reference(
+                        model, s, max(1, tcfg.data.micro_batch or tcfg.data.batch_size), device.torch_device, progress))
+                    log(f"reference log-probs {'computed' if computed else 'loaded'}: {path}")
+                distributed.barrier(world)
+                stream.ref_logps = cached_reference(run_dir, stream, ref_hash, lambda: None)[0]
+            objective = DPO(post.beta)
+        else:
+            objective = SFT()
+        if cfg.lora.enabled:
+            apply_lora(model, cfg.lora, tcfg.run.seed)
+        result = train(tcfg, objective, train_stream, val_stream, resume=resume, model=model,
+                       tokenizer_dir=post.init, progress=progress, log=log)
+        if world.is_main and result.stopped == "done":
+            evaluation["after"] = _evaluate(cfg, model, tok, val_stream)
+            evaluation["val_loss"] = result.last_val_loss
+            (run_dir / "eval.json").write_text(json.dumps(
+                {"kind": cfg.kind, "init": post.init, "checkpoint": str(result.checkpoint),
+                 "post": asdict(post), "lora": asdict(cfg.lora), **evaluation}, indent=2, ensure_ascii=False))
+        return result, evaluation
+    finally:
+        distributed.shutdown(world)
+
+
+EPILOG = """examples:
+  chipshift {kind} recipes/{kind}_small.toml
+  chipshift {kind} recipes/{kind}_small.toml --set lora.enabled=true --set lora.rank=8
+  chipshift {kind} recipes/{kind}_small.toml --resume        # continue after a stop or a crash
+  torchrun --nproc-per-node 2 -m chipshift {kind} recipes/{kind}_small.toml
+"""
+
+HELP = {
+    "sft": ("supervised fine-tuning on conversations (assistant-only loss, packed; full or LoRA)",
+            "Fine-tune a chipshift checkpoint on chat conversations with the one training loop: loss on "
+            "assistant tokens only, sequences packed without cross-contamination. Built-in data "
+            "(identity, chatterbot, chitchat) or your JSONL. Writes checkpoints (LoRA merged), metrics "
+            "and RUN/eval.json (held-out loss, identity-question accuracy before and after)."),
+    "dpo": ("direct preference optimisation on (prompt, chosen, rejected) pairs (full or LoRA)",
+            "Align a chipshift checkpoint with sigmoid DPO on the one training loop. Reference "
+            "log-probabilities are computed once by the init model and cached beside the run. Logs "
+            "loss, reward accuracy, margin and chosen/rejected log-probabilities; writes RUN/eval.json "
+            "(held-out preference accuracy before and after)."),
+}
+
+
+def register(sub) -> None:
+    for kind, (short, description) in HELP.items():
+        p = sub.add_parser(kind, help=short, description=description + "\n\n" + __doc__.split("\n\n", 2)[1],
+                           epilog=EPILOG.format(kind=kind), formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_common_arguments(p)
+        p.add_argument("--force", action="store_true",
+                       help="start even if the init checkpoint's last verified handoff failed")
+        p.set_defaults(func=run, kind=kind)
+
+
+def run(args) -> int:
+    overrides = list(args.overrides)
+    if args.device:
+        overrides.append(f"run.device={args.device!r}")
+    if args.out:
+        overrides.append(f"run.out={args.out!r}")
+    cfg = load_posttrain_config(args.kind, args.config, overrides)
+    result, evaluation = run_posttrain(cfg, resume=args.resume, force=args.force, progress=not args.no_progress)
+    if not result.is_main:
+        return 0
+    if result.stopped == "signal":
+        print(f"stopped at step {result.step}; checkpoint {result.checkpoint}; continue with --resume")
+        return 130
+    summary = ", ".join(f"{k} {evaluation['before'].get(k, 0):.3f} -> {v:.3f}"
+                        for k, v in evaluation.get("after", {}).items() if isinstance(v, float))
+    val = f", val loss {result.last_val_loss:.4f}" if result.last_val_loss is not None else ""
+    print(f"done: step {result.step}{val}; {summary}; checkpoint {result.checkpoint}")
+    return 0

@@ -1,0 +1,124 @@
+"""Whole `chipshift pretrain` runs in subprocesses: SIGKILL + --resume is bit-exact, and
+two torchrun processes follow the one-process loss curve and resume with one process."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from chipshift.data.shards import prepare
+from chipshift.train.state import list_checkpoints, load
+
+pytestmark = pytest.mark.slow  # whole runs in subprocesses: about a minute each on 2 idle cores
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+WORDS = "the king said unto his lords that all the realm shall keep the peace of the land and".split()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, tiny_tokenizer_dir):
+    root = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(600)]
+    (root / "corpus.txt").write_text("\n".join(lines) + "\n")
+    prepare(tiny_tokenizer_dir, root / "shards", sources=[], files=[root / "corpus.txt"], val_fraction=0.1)
+    return root / "shards"
+
+
+def write_config(path, data_dir, out, micro_batch=2, **extra):
+    sections = {
+        "run": {"out": str(out), "device": "cpu", "dtype": "float32", "seed": 1},
+        "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+                  "intermediate_size": 128, "max_seq_len": 64},
+        "data": {"dir": str(data_dir), "seq_len": 32, "batch_size": 4, **({"micro_batch": micro_batch} if micro_batch else {})},
+        "optim": {"warmup_steps": 2, "lr": 3e-3},
+        "train": {"steps": 14, "log_every": 1, "eval_every": 0, "ckpt_every": 2, "keep_last": 2,
+                  "eval_batches": 2},
+    }
+    for key, value in extra.items():
+        section, name = key.split("__")
+        sections[section][name] = value
+    text = ""
+    for name, values in sections.items():
+        text += f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+    path.write_text(text)
+    return path
+
+
+def pretrain(*args, launcher=(sys.executable, "-m", "chipshift")):
+    return subprocess.run([*launcher, "pretrain", *map(str, args), "--no-progress"], env=ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
+def torchrun(n):
+    return (sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+            "-m", "chipshift")
+
+
+def final_state(run_dir):
+    return load(list_checkpoints(run_dir)[-1])
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r}
+
+
+def kill_after_checkpoint(cmd, run_dir, min_step):
+    """Start `cmd`, SIGKILL its whole process group once a checkpoint >= min_step exists."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        done = [int(p.name.split("_")[1]) for p in list_checkpoints(run_dir)]
+        if done and max(done) >= min_step:
+            time.sleep(random.uniform(0, 0.3))  # land somewhere inside a later step
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"run ended or stalled before step {min_step}: {proc.stderr.read()[-2000:]}")
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path, data_dir):
+    ref = pretrain(write_config(tmp_path / "a.toml", data_dir, tmp_path / "a"))
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    cfg = write_config(tmp_path / "b.toml", data_dir, tmp_path / "b")
+    kill_at = random.Random().randint(2, 10)
+    kill_after_checkpoint([sys.executable, "-m", "chipshift", "pretrain", str(cfg), "--no-progress"],
+                          tmp_path / "b", kill_at)
+    resumed = pretrain(cfg, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    (wa, sa), (wb, sb) = final_state(tmp_path / "a"), final_state(tmp_path / "b")
+    assert wa.keys() == wb.keys() and sa.keys() == sb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), f"weights differ after a kill at step >= {kill_at}"
+    assert [k for k in sa if not torch.equal(sa[k], sb[k])] == []
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def test_two_processes_match_one_and_resume_with_one(tmp_path, data_dir):
+    one = pretrain(write_config(tmp_path / "one.toml", data_dir, tmp_path / "one", micro_batch=None))
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = pretrain(write_config(tmp_path / "two.toml", data_dir, tmp_path / "two"), launcher=torchrun(2))
+    assert two.returncode == 0, two.stderr[-3000:]
+    ref, got = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert ref.keys() == got.keys() and len(ref) == 14
+    worst = max(abs(got[s] - ref[s]) / abs(ref[s]) for s in ref)
+    assert worst <= 1e-5, f"2 processes vs 1: relative loss difference {worst:.2e}"
+
+    # killed with 2 processes, resumed with 1: ends where the 1-process run ends
+    cfg = write_config(tmp_path / "mix.toml", data_dir, tmp_path / "mix")
+    kill_after_checkpoint([*torchrun(2), "pretrain", str(cfg), "--no-progress"], tmp_path / "mix", 6)
+    resumed = pretrain(cfg, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    (wa, _), (wb, _) = final_state(tmp_path / "one"), final_state(tmp_path / "mix")
+    for k in wa:
+        np.testing.assert_allclose(wb[k].numpy(), wa[k].numpy(), rtol=1e-4, atol=1e-5)
