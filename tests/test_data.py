@@ -164,3 +164,9 @@ def test_cli_prepare_and_its_errors(tok_dir, user_files, tmp_path, capsys):
     assert not (tmp_path / "d2").exists()  # inputs are checked before anything is written
     assert main(["data", "prepare", "--tokenizer", str(tok_dir), "--out", str(out), "--sources", "wiki"]) == 2
     assert "unknown source 'wiki'" in capsys.readouterr().err
+
+
+def test_byte_order_mark_is_not_text(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes("\ufeff".encode() + b'{"text": "first"}\r\n{"text": "second"}\r\n')
+    assert [d.text for d in file_documents(path)] == ["first", "second"]

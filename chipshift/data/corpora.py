@@ -137,7 +137,7 @@ def _read_utf8(path: Path) -> str:
     if b"\x00" in data[:65536]:
         raise ChipshiftError(f"{path}: looks binary (contains NUL bytes), expected UTF-8 text")
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a leading byte-order mark is not text
     except UnicodeDecodeError as exc:
         raise ChipshiftError(f"{path}: not UTF-8 text (bad byte at offset {exc.start})") from None
 
