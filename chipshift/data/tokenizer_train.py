@@ -18,6 +18,7 @@ Choices, each measured (see docs/data.md for the figures):
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from pathlib import Path
 from typing import Iterable
@@ -96,7 +97,7 @@ def train_and_save(texts: list[str], vocab_size: int, out: str | Path, info: dic
     """Train, save to `out`, and return a summary (also written into tokenizer_config.json
     under `chipshift`, so a tokenizer says what it was trained on)."""
     t0 = time.perf_counter()
-    tok = train_tokenizer(texts, vocab_size)
+    tok = train_tokenizer(texts, vocab_size, show_progress=sys.stderr.isatty())  # its bar is blank lines in a log
     seconds = time.perf_counter() - t0
     summary = {"vocab_size": tok.vocab_size, "train_seconds": round(seconds, 2),
                "train_chars": sum(len(t) for t in texts), **(info or {})}
