@@ -3,6 +3,8 @@ and a client that walks away mid-stream."""
 
 import json
 import random
+import subprocess
+import sys
 import threading
 import time
 
@@ -10,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from infer_helpers import live_server, make_checkpoint, metric
+from infer_helpers import REPO, live_server, make_checkpoint, metric
 
 KEY = "sk-chipshift-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -230,3 +232,21 @@ def test_metrics_are_prometheus_text(server):
             "chipshift_time_to_first_token_seconds"} <= names
     assert metric(server, "chipshift_time_to_first_token_seconds_count", AUTH) >= 1
     assert metric(server, "chipshift_generation_tokens_total", AUTH) >= 1
+
+
+def test_chat_command_streams_a_reply(tmp_path, tiny_tokenizer_dir):
+    ckpt = make_checkpoint(tiny_tokenizer_dir, tmp_path / "tiny-chat")
+    proc = subprocess.run([sys.executable, "-m", "chipshift", "chat", str(ckpt), "--device", "cpu",
+                           "--temperature", "0", "--max-tokens", "8"],
+                          input="hello there\n/reset\nhow are you?\n/quit\n", capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("assistant> ") == 2
+    assert "8 slots" in proc.stderr
+
+
+def test_serve_refuses_a_missing_checkpoint_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "chipshift", "serve", str(tmp_path / "nope"), "--device", "cpu"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "not found" in proc.stderr

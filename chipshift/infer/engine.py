@@ -87,6 +87,7 @@ class Engine:
         self.cfg = model.cfg
         weight = model.output_weight
         self.device, self.dtype = weight.device, weight.dtype
+        self.dtype_reason = dtype_name(self.dtype)  # from_checkpoint says why it was chosen
         self.max_batch = max_batch
         self.max_len = min(max_len or self.cfg.max_seq_len, self.cfg.max_seq_len)
         self.cache = KVCache(self.cfg, max_batch, self.max_len, self.device, self.dtype)
