@@ -16,8 +16,7 @@ from infer_helpers import live_server, make_checkpoint
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 KEY = "sk-page"
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")]
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
 
 
 class DevTools:
