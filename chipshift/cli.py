@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "chipshift.train.cli",
     "chipshift.infer.cli",
     "chipshift.parity.cli",
+    "chipshift.pipeline",
 )
 
 
