@@ -16,6 +16,8 @@ from chipshift.errors import ChipshiftError
 # Modules with a `register(subparsers)` function, in the order their commands are listed.
 COMMAND_MODULES = (
     "chipshift.devices.cli",
+    "chipshift.model.cli",
+    "chipshift.demo",
     "chipshift.data.cli",
     "chipshift.plan.cli",
     "chipshift.train.cli",
