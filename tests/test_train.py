@@ -243,3 +243,26 @@ def test_bf16_master_step_runs_and_keeps_fp32_master(tmp_path):
     assert next(trainer.model.parameters()).dtype == torch.bfloat16
     assert all(w.dtype == torch.float32 for w in trainer.weights().values())
     assert math.isfinite(last.loss) and last.loss < first.loss
+
+
+class WithMetric:
+    """A plug-in objective: the LM loss plus a metric the loop must average and log."""
+
+    name = "lm+metric"
+
+    def __init__(self) -> None:
+        self.inner = LanguageModeling()
+
+    def __call__(self, model, batch):
+        loss, _ = self.inner(model, batch)
+        return loss, {"half": torch.tensor(0.5)}
+
+
+def test_objective_metrics_are_logged_and_time_limit_ends_cleanly(tmp_path):
+    cfg = tiny_cfg(tmp_path, train={"max_minutes": 1e-6, "log_every": 1})
+    result = train(cfg, WithMetric(), *streams(), progress=False, log=lambda *a: None)
+    assert result.stopped == "time limit" and result.step == 1
+    assert result.checkpoint.name == "step_00000001" and result.png.exists()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("half") == 0.5 for r in records) and any(r.get("val_half") == 0.5 for r in records)
+    assert state.latest_valid(tmp_path)[1]["meta"]["objective"] == "lm+metric"

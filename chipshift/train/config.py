@@ -5,7 +5,8 @@
     [data]   dir, tokenizer, seq_len, batch_size (global, in sequences), micro_batch
     [optim]  lr, min_lr_ratio, weight_decay, beta1, beta2, eps, grad_clip, warmup_steps,
              schedule (cosine | wsd | constant), decay_fraction (wsd), fused
-    [train]  steps, log_every, eval_every, eval_batches, ckpt_every, keep_last, max_bad_steps
+    [train]  steps, log_every, eval_every, eval_batches, ckpt_every, keep_last, max_bad_steps,
+             max_minutes
 
 `--set section.key=value` overrides any value (the value is parsed as TOML, and read as a
 plain string when it is not valid TOML). An unknown key or a bad value raises a
@@ -75,6 +76,7 @@ class TrainLoopConfig:
     ckpt_every: int = 100  # 0 = only at the end and on a signal
     keep_last: int = 3
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
+    max_minutes: float = 0.0  # end the run (evaluate, checkpoint, plot) after this long; 0 = no limit
 
 
 CHOICES = {
@@ -88,7 +90,7 @@ CHOICES = {
 POSITIVE = {"data.seq_len", "data.batch_size", "train.steps", "train.log_every", "train.keep_last",
             "train.max_bad_steps", "optim.lr", "train.eval_batches"}
 NON_NEGATIVE = {"data.micro_batch", "train.eval_every", "train.ckpt_every", "optim.weight_decay",
-                "optim.grad_clip", "optim.warmup_steps", "optim.eps", "run.seed"}
+                "optim.grad_clip", "optim.warmup_steps", "optim.eps", "run.seed", "train.max_minutes"}
 UNIT_INTERVAL = {"optim.min_lr_ratio", "optim.beta1", "optim.beta2", "optim.decay_fraction"}
 
 SECTIONS = {"run": RunConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainLoopConfig}

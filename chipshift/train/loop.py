@@ -56,7 +56,7 @@ class StepStats:
 class TrainResult:
     run_dir: Path
     step: int
-    stopped: str  # "done" | "signal"
+    stopped: str  # "done" | "time limit" | "signal"
     checkpoint: Path | None
     last_val_loss: float | None = None
     skipped_steps: int = 0
@@ -439,6 +439,7 @@ def _run(trainer: Trainer, run_dir: Path, resume_from, tokenizer_dir, bytes_per_
     bar = tqdm(total=cfg.train.steps, initial=trainer.step, disable=not (progress and world.is_main),
                unit="step", dynamic_ncols=True)
     window_tokens, window_t0 = 0, time.perf_counter()
+    deadline = time.monotonic() + 60 * cfg.train.max_minutes if cfg.train.max_minutes else math.inf
 
     def do_eval():
         if trainer.val_stream is None:
@@ -482,9 +483,13 @@ def _run(trainer: Trainer, run_dir: Path, resume_from, tokenizer_dir, bytes_per_
                 break
             if cfg.train.ckpt_every and trainer.step % cfg.train.ckpt_every == 0:
                 last_ckpt = trainer.save(run_dir, tokenizer_dir)
+            if distributed.any_flag(time.monotonic() > deadline, world):
+                stopped = "time limit"
+                log(f"train.max_minutes = {cfg.train.max_minutes} reached at step {trainer.step}")
+                break
     bar.close()
     png = None
-    if stopped == "done":
+    if stopped != "signal":
         last_val = do_eval() if trainer.val_stream is not None else last_val
         if trainer.saved_step != trainer.step:
             last_ckpt = trainer.save(run_dir, tokenizer_dir)
