@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from pathlib import Path
+
 from chipshift.errors import ChipshiftError
 from chipshift.plan import report
 from chipshift.plan.estimate import make_plan, require_fit, resolve_chip, resolve_model
@@ -75,6 +77,7 @@ def register(sub) -> None:
     p.add_argument("--png", default="plan_compare.png", help="chart written by --compare (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=run_plan)
+    register_bench(sub)
 
 
 def run_plan(args) -> int:
@@ -99,4 +102,76 @@ def run_plan(args) -> int:
     else:
         print(report.render_compare(plans))
         print(f"\nchart: {png}")
+    return 0
+
+
+BENCH_EPILOG = """examples:
+  chipshift bench                                  # the default model (preset S, seq 256) here
+  chipshift bench --device npu --model M --out bench-910b.json
+  chipshift bench compare bench-cpu.json bench-910b.json --png bench.png
+  chipshift plan --params 7e9 --tokens 2e12 --chip bench-910b.json   # plan with measured MFU"""
+
+
+def register_bench(sub) -> None:
+    from chipshift.plan.bench import BenchSettings
+    d = BenchSettings()
+    p = sub.add_parser(
+        "bench", help="measure this device: matmul ceilings, copy bandwidth, training tokens/s and MFU, "
+                      "prefill/decode tokens/s, peak memory",
+        description="Measure the local device on a model and write a JSON naming the device, its catalogue "
+                    "entry, versions and settings. Training uses the training loop's own step at batch "
+                    "sizes 1, 2, 4, ... up to the largest that fits (or --max-batch).",
+        epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", help="device to measure (default: auto / $CHIPSHIFT_DEVICE)")
+    p.add_argument("--model", default=d.model, help="preset or checkpoint directory (default %(default)s)")
+    p.add_argument("--seq-len", type=_integer, default=d.seq_len, help="sequence length (default %(default)s)")
+    p.add_argument("--max-batch", type=_integer, default=d.max_batch,
+                   help="largest training batch to try (default %(default)s)")
+    p.add_argument("--steps", type=_integer, default=d.steps, help="timed training steps per batch size "
+                                                                   "(default %(default)s)")
+    p.add_argument("--dtype", default=d.dtype, help="compute dtype (default: the device layer's choice)")
+    p.add_argument("--out", help="result JSON (default bench-<device type>.json)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_bench)
+    sub_bench = p.add_subparsers(dest="bench_command", metavar="compare")
+    c = sub_bench.add_parser("compare", help="set bench results side by side: a table and a bar-chart PNG",
+                             description="Print the measured figures of several `chipshift bench` JSONs "
+                                         "side by side and draw them as bar charts.")
+    c.add_argument("results", nargs="+", help="bench JSON files")
+    c.add_argument("--png", default="bench_compare.png", help="chart to write (default %(default)s)")
+    c.set_defaults(func=run_bench_compare)
+
+
+def run_bench(args) -> int:
+    from chipshift.devices import get_device
+    from chipshift.plan.bench import BenchSettings, run_bench as bench
+
+    for name in ("seq_len", "max_batch", "steps"):
+        if getattr(args, name) < 1:
+            raise ChipshiftError(f"--{name.replace('_', '-')} = {getattr(args, name)}: must be at least 1")
+    dev = get_device(args.device)
+    settings = BenchSettings(model=args.model, seq_len=args.seq_len, max_batch=args.max_batch,
+                             steps=args.steps, dtype=args.dtype)
+    result = bench(dev, settings, progress_enabled=not args.no_progress)
+    out = Path(args.out or f"bench-{dev.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(report.render_bench_compare([result], [out]))
+    print(f"\nwrote {out}")
+    return 0
+
+
+def run_bench_compare(args) -> int:
+    results = []
+    for path in args.results:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ChipshiftError(f"cannot read bench result {path}: {exc}") from None
+        if data.get("format") != "chipshift-bench":
+            raise ChipshiftError(f"{path} is not a `chipshift bench` result")
+        results.append(data)
+    print(report.render_bench_compare(results, args.results))
+    png = report.bench_compare_chart(results, args.results, args.png)
+    print(f"\nchart: {png}")
     return 0

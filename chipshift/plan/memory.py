@@ -24,9 +24,11 @@ sequence length); tensors that share storage are counted once:
                                                                       when b < 4)
 
 With activation checkpointing each layer keeps only its input (h per token) and one layer
-is recomputed at a time during the backward pass. On top of the layers: the final norm
-(2 h) and the loss head, which holds fp32 logits, their log-softmax and its gradient
-(3 * vocab fp32 values per token) at the peak of the backward pass.
+is recomputed at a time during the backward pass. On top of the layers: the final norm and
+the loss head of chipshift's training loop (`chipshift.train.objectives`), a chunked
+cross-entropy that never holds the full logits: per token the gradient of the hidden state
+(b h), plus a float32 gradient of the output weight (4 V h) and one chunk of 1024 rows of
+float32 logits (4 V per row, plus their cast when b < 4).
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ PRECISIONS = {
 
 # FSDP gathers this many layers at once: the one computing and the one being prefetched.
 FSDP_LAYERS_IN_FLIGHT = 2
-# fp32 values per token of the loss head at its peak: logits, log-softmax, its gradient.
-LOSS_HEAD_FP32_VALUES = 3
+# rows of logits the chunked cross-entropy of chipshift.train.objectives computes at once
+LOSS_CHUNK_ROWS = 1024
 
 
 def layer_activation_bytes(cfg: ModelConfig, seq_len: int, act_bytes: int, attention: str = "flash") -> int:
@@ -86,8 +88,10 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, precision
         layers = cfg.num_layers * cfg.hidden_size * b + full_layer
     else:
         layers = cfg.num_layers * full_layer
-    head = 2 * cfg.hidden_size * b + LOSS_HEAD_FP32_VALUES * cfg.vocab_size * 4
-    return tokens * (layers + head)
+    h, V = cfg.hidden_size, cfg.vocab_size
+    head_per_token = (4 * h + 4 + 2 * b * h) + b * h  # final norm, gradient of the hidden state
+    head_fixed = 4 * V * h + min(tokens, LOSS_CHUNK_ROWS) * V * (4 + (b if b < 4 else 0))
+    return tokens * (layers + head_per_token) + head_fixed
 
 
 @dataclass

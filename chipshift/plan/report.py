@@ -225,3 +225,63 @@ def compare_chart(plans: list[Plan], path: str | Path) -> Path:
     return bar_chart(path, title, labels, panels, hatched,
                      "hatched: datasheet figures that are estimates (or measured), solid: official datasheet. "
                      + LEGEND)
+
+
+# -- bench compare ------------------------------------------------------------------------
+
+def _bench_rows(results: list[dict]) -> list[tuple[str, list[float | None], str]]:
+    """(metric, one value per result, format) for the bench comparison."""
+    dtypes = sorted({d for r in results for d in r["matmul"]}, key=lambda d: (d != "float32", d))
+    rows: list[tuple[str, list[float | None], str]] = []
+    for d in dtypes:
+        rows.append((f"matmul {d} TFLOP/s", [r["matmul"][d]["flops"] / 1e12 if d in r["matmul"] else None
+                                             for r in results], ".3g"))
+    rows.append(("copy bandwidth GB/s", [r["copy"]["bytes_per_s"] / 1e9 for r in results], ".3g"))
+    best = [r["train"]["best"] for r in results]
+    rows.append(("train tokens/s (best batch)", [b["tokens_per_s"] if b else None for b in best], ",.0f"))
+    rows.append(("train best batch", [b["batch"] if b else None for b in best], "d"))
+    rows.append(("train MFU", [b["mfu"] if b else None for b in best], ".3f"))
+    rows.append(("train peak memory GB", [b["peak_memory_bytes"] / 1e9 if b else None for b in best], ".3g"))
+    for key, label in (("prefill", "prefill"), ("decode", "decode")):
+        batches = sorted({m["batch"] for r in results for m in r[key]})
+        for b in batches:
+            rows.append((f"{label} tokens/s, batch {b}",
+                         [next((m["tokens_per_s"] for m in r[key] if m["batch"] == b), None) for r in results],
+                         ",.0f"))
+    return rows
+
+
+def bench_label(result: dict, path: str | Path) -> str:
+    cat = result.get("catalogue")
+    return f"{Path(path).stem} ({cat['key'] if cat else result['device']['type']})"
+
+
+def render_bench_compare(results: list[dict], paths: list[str | Path]) -> str:
+    labels = [bench_label(r, p) for r, p in zip(results, paths)]
+    table = []
+    for metric, values, spec in _bench_rows(results):
+        table.append([metric] + ["-" if v is None else format(v, spec) for v in values])
+    head = ["measured"] + labels
+    out = [_table(head, table)]
+    out.append("")
+    for label, r in zip(labels, results):
+        s = r["settings"]
+        best = r["train"]["best"]
+        peak = f"; MFU against {best['peak_source']}" if best else ""
+        out.append(f"{label}: {r['device']['name']}; model {s['model']} ({s['params'] / 1e6:.1f}M params), "
+                   f"seq {s['seq_len']}, train dtype {r['train']['dtype']}{peak}; torch {r['versions']['torch']}; "
+                   f"bench wall time {r['wall_s']:.0f} s")
+    models = {(r["settings"]["model"], r["settings"]["seq_len"]) for r in results}
+    if len(models) > 1:
+        out.append("note: the results were measured on different models or sequence lengths; "
+                   "training and inference rows are not like for like")
+    return "\n".join(out)
+
+
+def bench_compare_chart(results: list[dict], paths: list[str | Path], png: str | Path) -> Path:
+    labels = [bench_label(r, p) for r, p in zip(results, paths)]
+    panels = [(metric, values) for metric, values, _ in _bench_rows(results) if metric != "train best batch"]
+    models = sorted({f"{r['settings']['model']} @ seq {r['settings']['seq_len']}" for r in results})
+    return bar_chart(png, f"chipshift bench: {', '.join(models)}", labels, panels,
+                     footnote="all figures measured by `chipshift bench`; MFU against each result's "
+                              "peak source (catalogue datasheet on accelerators, measured matmul ceiling on CPUs)")

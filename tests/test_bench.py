@@ -1,0 +1,116 @@
+"""`chipshift bench`: its JSON, `bench compare`, a plan from a bench result, and the
+calibration of the memory and time estimates against what the bench measures here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from chipshift.cli import main
+from chipshift.devices import get_device
+from chipshift.plan.bench import BenchSettings, run_bench
+
+CPU = get_device("cpu")
+
+
+@pytest.fixture(scope="module")
+def bench_json(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench-cpu.json"
+    result = run_bench(CPU, BenchSettings(model="tiny", seq_len=64, max_batch=4, steps=2,
+                                          prefill_batches=(1, 2), decode_batches=(1, 2), decode_tokens=4),
+                       progress_enabled=False)
+    out.write_text(json.dumps(result))
+    return out
+
+
+def test_bench_result_names_device_versions_settings(bench_json):
+    r = json.loads(bench_json.read_text())
+    assert r["format"] == "chipshift-bench" and r["device"]["type"] == "cpu"
+    assert r["catalogue"] is None  # CPUs are not in the chip catalogue
+    assert r["versions"]["torch"] and r["settings"]["model"] == "tiny" and r["settings"]["seq_len"] == 64
+    assert set(r["matmul"]) == set(CPU.working_dtypes()) and r["matmul"]["float32"]["flops"] > 1e8
+    assert r["copy"]["bytes_per_s"] > 1e8
+    runs = r["train"]["runs"]
+    assert [x["batch"] for x in runs] == [1, 2, 4] and r["train"]["stopped"] == "cap"
+    for x in runs:
+        assert x["tokens_per_s"] == pytest.approx(x["batch"] * 64 / x["step_s"])
+        assert 0 < x["mfu"] < 1 and x["peak_source"].startswith("measured")
+        assert x["peak_memory_bytes"] > 0
+    assert r["train"]["best"] in runs
+    assert [p["batch"] for p in r["prefill"]] == [1, 2] and all(p["tokens_per_s"] > 0 for p in r["prefill"])
+    assert [d["batch"] for d in r["decode"]] == [1, 2] and all(d["tokens_per_s"] > 0 for d in r["decode"])
+
+
+def test_bench_compare_table_and_png(bench_json, tmp_path, capsys):
+    other = tmp_path / "again.json"
+    other.write_bytes(bench_json.read_bytes())
+    png = tmp_path / "cmp.png"
+    assert main(["bench", "compare", str(bench_json), str(other), "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "bench-cpu (cpu)" in out and "again (cpu)" in out and "train MFU" in out and "decode tokens/s" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def test_plan_from_bench_uses_measured_figures(bench_json, capsys):
+    assert main(["plan", "--model", "tiny", "--tokens", "1e9", "--chip", str(bench_json), "--count", "1",
+                 "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    r = json.loads(bench_json.read_text())
+    assert plan["figures"]["mfu"]["value"] == r["train"]["best"]["mfu"]
+    assert plan["figures"]["mfu"]["source"].startswith("measured")
+    assert plan["figures"]["peak_flops"]["source"].startswith("measured")
+    assert plan["chip"]["precision"] == "fp32"
+    # time = FLOPs / achieved FLOP/s, and achieved = what the bench measured at its best batch
+    f = plan["figures"]
+    assert f["achieved_flops"]["value"] == pytest.approx(r["train"]["best"]["achieved_flops"], rel=1e-9)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "compare", "nope.json"], "cannot read bench result nope.json"),
+    (["bench", "--model", "no-such-model"], "neither a preset"),
+    (["bench", "--seq-len", "0"], "--seq-len = 0"),
+])
+def test_bench_bad_input(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+CALIBRATE = r"""
+import json, sys
+from chipshift.devices import get_device
+from chipshift.plan.bench import BenchSettings, model_config, measure_training
+from tqdm import tqdm
+dev = get_device("cpu")
+s = BenchSettings(model="S", seq_len=128, max_batch=int(sys.argv[1]), steps=int(sys.argv[2]))
+cfg, _ = model_config("S")
+with tqdm(disable=True) as progress:
+    r = measure_training(dev, s, cfg, None, {"float32": 1e11}, progress)
+print(json.dumps(r["runs"]))
+"""
+
+
+@pytest.fixture(scope="module")
+def calibration_runs():
+    """Training measurements of preset S (13.8M parameters) at seq 128, batch 1-8, in a fresh process."""
+    done = subprocess.run([sys.executable, "-c", CALIBRATE, "8", "3"], capture_output=True, text=True,
+                          timeout=600, check=True)
+    return {r["batch"]: r for r in json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def test_memory_estimate_within_20_percent_of_measured_peak(calibration_runs):
+    for batch, r in calibration_runs.items():
+        ratio = r["estimated_memory_bytes"] / r["peak_memory_bytes"]
+        assert 0.8 <= ratio <= 1.2, (batch, r["estimated_memory_bytes"], r["peak_memory_bytes"])
+
+
+def test_time_estimate_within_20_percent_of_measured_step(calibration_runs):
+    """Calibrate on batch 2 (its achieved FLOP/s = MFU x peak), predict batch 8's step time
+    as FLOPs / achieved FLOP/s, and compare with the measured one (fastest of the timed
+    steps on each side, which is robust against other processes sharing the CPU)."""
+    calib, target = calibration_runs[2], calibration_runs[8]
+    achieved = calib["tokens"] * calib["achieved_flops"] / calib["tokens_per_s"] / calib["step_min_s"]
+    predicted = target["tokens"] * (target["achieved_flops"] / target["tokens_per_s"]) / achieved
+    assert predicted == pytest.approx(target["step_min_s"], rel=0.2)
