@@ -52,10 +52,32 @@ LAYER = {"input_layernorm.weight": ("attn_norm.weight", Q.F32),
          "mlp.down_proj.weight": ("ffn_down.weight", Q.F32)}
 
 
-def _write_llama_gguf(path, hf_model):
-    """A tokenizer-less llama GGUF written the way llama.cpp's converter writes one."""
+def _add_tokenizer(w, tokenizer_dir):
+    """GPT-2 style tokenizer metadata, as llama.cpp's converter stores a byte-level BPE."""
+    import json
+
+    tj = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    specials = {t["content"]: t["id"] for t in tj["added_tokens"]}
+    tokens = [None] * len(vocab)
+    for text, i in vocab.items():
+        tokens[i] = text
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in specials else 1 for t in tokens])  # 3 = control, 1 = normal
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
+    w.add_bos_token_id(specials["<|im_start|>"])
+    w.add_eos_token_id(specials["<|im_end|>"])
+    w.add_chat_template((tokenizer_dir / "chat_template.jinja").read_text())
+
+
+def _write_llama_gguf(path, hf_model, tokenizer_dir=None):
+    """A llama GGUF written the way llama.cpp's converter writes one."""
     c = hf_model.config
     w = gguf.GGUFWriter(str(path), "llama")
+    if tokenizer_dir is not None:
+        _add_tokenizer(w, tokenizer_dir)
     w.add_name("tiny-test")
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
@@ -87,8 +109,8 @@ def _write_llama_gguf(path, hf_model):
     w.close()
 
 
-def test_synthetic_quantised_gguf_agrees_with_transformers_loader(tmp_path):
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+def test_synthetic_quantised_gguf_agrees_with_transformers_loader(tmp_path, tiny_tokenizer_dir):
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, intermediate_size=96, max_position_embeddings=64,
                                    tie_word_embeddings=False, rope_theta=10000.0)
     torch.manual_seed(0)
@@ -96,12 +118,13 @@ def test_synthetic_quantised_gguf_agrees_with_transformers_loader(tmp_path):
     with torch.no_grad():
         for name, p in hf.named_parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
-    _write_llama_gguf(tmp_path / "tiny.gguf", hf)
+    _write_llama_gguf(tmp_path / "tiny.gguf", hf, tiny_tokenizer_dir)
 
-    ours, _ = load_checkpoint(import_gguf(tmp_path / "tiny.gguf", tmp_path / "ckpt"))
+    ckpt = import_gguf(tmp_path / "tiny.gguf", tmp_path / "ckpt")
+    ours, _ = load_checkpoint(ckpt)
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf",
                                                            dtype=torch.float32).eval()
-    ids = torch.randint(0, 128, (1, 32), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 300, (1, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         a, b = ours(ids), ref(ids).logits
         exact = hf(ids).logits
@@ -112,6 +135,21 @@ def test_synthetic_quantised_gguf_agrees_with_transformers_loader(tmp_path):
         want = getattr(hf.model.layers[1].self_attn, name).weight
         got = getattr(ours.layers[1].self_attn, name).weight
         assert ((got - want).norm() / want.norm()).item() < 0.2, name
+
+
+def test_tokenizer_and_chat_template_come_from_gguf_metadata(tmp_path, tiny_tokenizer_dir):
+    from chipshift.data.tokenizer import Tokenizer
+
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=2, intermediate_size=64)
+    _write_llama_gguf(tmp_path / "tok.gguf", transformers.LlamaForCausalLM(cfg), tiny_tokenizer_dir)
+    tok = Tokenizer.load(import_gguf(tmp_path / "tok.gguf", tmp_path / "ckpt"))
+    ref = Tokenizer.load(tiny_tokenizer_dir)
+    text = "hello there, the capital of France is Paris."
+    assert tok.encode(text) == ref.encode(text) and tok.decode(tok.encode(text)) == text
+    messages = [{"role": "user", "content": "hello"}]
+    assert tok.apply_chat_template(messages) == ref.apply_chat_template(messages)
+    assert (tok.bos_id, tok.eos_id) == (ref.bos_id, ref.eos_id)
 
 
 def test_not_a_gguf_file_is_refused(tmp_path):
@@ -141,3 +179,7 @@ def test_smollm2_gguf_agrees_with_transformers_loader(tmp_path):
         diff = (ours(x) - ref(x).logits).abs().max().item()
     print(f"SmolLM2 GGUF vs transformers: logits max abs diff {diff:.3g}")
     assert diff <= 1e-3
+
+    from chipshift.demo import answer
+
+    assert "Paris" in answer(ours.eval(), Tokenizer.load(ckpt), "What is the capital of France?", max_new_tokens=12)

@@ -15,7 +15,7 @@ from chipshift.model.config import ModelConfig
 from chipshift.model.hf import config_from_hf, export_hf, import_hf
 
 TOL = 1e-4
-SHAPE = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+SHAPE = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
              intermediate_size=96, max_position_embeddings=64)
 
 CASES = {
@@ -159,4 +159,35 @@ def test_corrupt_safetensors_is_refused_by_name(tmp_path):
     weights = tmp_path / "hf" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="model.safetensors"):
+        import_hf(tmp_path / "hf", tmp_path / "ckpt")
+
+
+def test_cli_import_export_generate(tmp_path, tiny_tokenizer_dir, capsys):
+    from chipshift.cli import main
+    from chipshift.data.tokenizer import Tokenizer
+    from chipshift.model.generate import generate_naive
+
+    hf = _hf_model("qwen2-gqa-tied-bias")
+    hf.save_pretrained(tmp_path / "hf")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (tmp_path / "hf" / name).write_bytes((tiny_tokenizer_dir / name).read_bytes())
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "ckpt"), "--dtype", "float32"]) == 0
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "out"), "--format", "hf"]) == 0
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "ckpt"), "hello there", "--chat", "--max-new-tokens", "5",
+                 "--device", "cpu", "--dtype", "float32"]) == 0
+    printed = capsys.readouterr().out
+    tok = Tokenizer.load(tmp_path / "ckpt")
+    model, _ = load_checkpoint(tmp_path / "ckpt")
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "hello there"}]))
+    want = tok.decode(generate_naive(model, prompt, 5, stop_ids=tok.stop_ids()))
+    assert printed == want + "\n"
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, tiny_tokenizer_dir):
+    cfg = transformers.LlamaConfig(**{**SHAPE, "vocab_size": 64})
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.json").write_bytes((tiny_tokenizer_dir / "tokenizer.json").read_bytes())
+    with pytest.raises(CheckpointError, match="more than the model's vocab_size 64"):
         import_hf(tmp_path / "hf", tmp_path / "ckpt")

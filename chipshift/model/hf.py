@@ -229,6 +229,13 @@ def import_hf(src: str | Path, out: str | Path, dtype: torch.dtype | None = None
         sd = {k: v.to(dtype) for k, v in sd.items()}
     sd = {k: v.contiguous() for k, v in sd.items()}
     tok_cfg = tokenizer_config(src)
+    if tok_cfg is not None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        n_tokens = HFTokenizer.from_file(str(src / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+        if n_tokens > cfg.vocab_size:
+            raise CheckpointError(f"{src}: the tokenizer has {n_tokens} tokens, more than the model's "
+                                  f"vocab_size {cfg.vocab_size}")
     meta = {"imported_from": {"format": "hf", "path": str(src.resolve())}}
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = _stage_tokenizer(src, tok_cfg, Path(tmp)) if tok_cfg is not None else None
