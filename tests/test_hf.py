@@ -191,3 +191,11 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, tiny_tokenize
     (tmp_path / "hf" / "tokenizer.json").write_bytes((tiny_tokenizer_dir / "tokenizer.json").read_bytes())
     with pytest.raises(CheckpointError, match="more than the model's vocab_size 64"):
         import_hf(tmp_path / "hf", tmp_path / "ckpt")
+
+
+def test_weights_that_contradict_config_json_are_refused(tmp_path):
+    _hf_model("llama-gqa-untied").save_pretrained(tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
+    with pytest.raises(CheckpointError, match="mlp.gate_proj.weight has shape"):
+        import_hf(tmp_path / "hf", tmp_path / "ckpt")

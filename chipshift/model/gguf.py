@@ -28,6 +28,7 @@ from tqdm import tqdm
 from chipshift.errors import CheckpointError
 from chipshift.model.checkpoint import write_checkpoint
 from chipshift.model.config import ModelConfig
+from chipshift.model.hf import check_state_dict
 
 SUPPORTED_ARCHS = ("llama", "qwen2")
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
@@ -158,8 +159,8 @@ def write_tokenizer(gguf_path: Path, reader, out: Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
 
-def import_gguf(src: str | Path, out: str | Path) -> Path:
-    """Convert a `.gguf` file into a float32 chipshift checkpoint at `out`."""
+def import_gguf(src: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Convert a `.gguf` file into a chipshift checkpoint at `out` (float32 unless `dtype`)."""
     from gguf import GGUFReader
 
     src = Path(src)
@@ -171,6 +172,9 @@ def import_gguf(src: str | Path, out: str | Path) -> Path:
         raise CheckpointError(f"{src} is not a readable GGUF file: {exc}") from None
     cfg = config_from_gguf(reader)
     sd = read_gguf_tensors(reader, cfg, _field(reader, "general.architecture"))
+    check_state_dict(sd, cfg, src)
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
     meta = {"imported_from": {"format": "gguf", "path": str(src.resolve()),
                               "file_type": _field(reader, "general.file_type")}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -175,15 +175,19 @@ def _state_dict_from_hf(hf_tensors: dict[str, torch.Tensor], cfg: ModelConfig, s
     return sd
 
 
-def _check_names(sd: dict, cfg: ModelConfig, src: Path) -> None:
+def check_state_dict(sd: dict, cfg: ModelConfig, src: Path) -> None:
+    """Refuse imported weights whose names or shapes disagree with the config."""
     from chipshift.model.transformer import Transformer
 
     with torch.device("meta"):
-        want = set(Transformer(cfg).state_dict())
-    missing, unexpected = sorted(want - set(sd)), sorted(set(sd) - want)
+        want = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
     if missing or unexpected:
-        raise CheckpointError(f"{src}: weights do not match config.json "
+        raise CheckpointError(f"{src}: weights do not match the config "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for name, shape in want.items():
+        if tuple(sd[name].shape) != shape:
+            raise CheckpointError(f"{src}: {name} has shape {tuple(sd[name].shape)}, the config implies {shape}")
 
 
 # -- tokenizer ---------------------------------------------------------------------------
@@ -224,7 +228,7 @@ def import_hf(src: str | Path, out: str | Path, dtype: torch.dtype | None = None
         raise CheckpointError(f"{cfg_file} is corrupt: {exc}") from None
     cfg = config_from_hf(hf_cfg)
     sd = _state_dict_from_hf(_read_safetensors(_weight_files(src)), cfg, src)
-    _check_names(sd, cfg, src)
+    check_state_dict(sd, cfg, src)
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
     sd = {k: v.contiguous() for k, v in sd.items()}
