@@ -11,6 +11,8 @@ DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 
 def register(sub) -> None:
+    from chipshift.devices import known_types
+
     p = sub.add_parser("import", help="convert a Hugging Face folder or a .gguf file into a chipshift checkpoint",
                        description="Convert SRC, a Hugging Face model folder (LlamaForCausalLM, Qwen2ForCausalLM, "
                                    "MistralForCausalLM; safetensors weights) or a llama.cpp .gguf file (F32, F16, "
@@ -42,8 +44,8 @@ def register(sub) -> None:
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set reaching this probability")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    p.add_argument("--device", default=None, help="cpu, cuda, npu, mlu, xpu, musa, mps (default: "
-                                                  "$CHIPSHIFT_DEVICE or auto-detect)")
+    p.add_argument("--device", default=None, help=f"{', '.join(known_types())}, optionally with an index "
+                                                  "(default: $CHIPSHIFT_DEVICE or auto-detect)")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto (default), float32, bfloat16, float16")
     p.set_defaults(func=run_generate)
 
