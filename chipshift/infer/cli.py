@@ -16,7 +16,7 @@ def _engine_args(p) -> None:
                                                    "float32), bfloat16, float16 or float32")
     p.add_argument("--max-batch", type=int, default=8, help="batch slots: requests decoded together (default 8)")
     p.add_argument("--max-len", type=int, default=None,
-                   help="tokens per slot (prompt + output); default: the model's context")
+                   help="tokens per slot (prompt + output); default: the model's context, at most 4096")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (fixed shapes)")
 
 

@@ -31,6 +31,9 @@ from chipshift.infer.cache import KVCache
 from chipshift.infer.sampling import SamplingParams, apply_repetition_penalty, sample
 from chipshift.model.transformer import Transformer
 
+# Tokens per slot when not set: the model's context, capped so that the preallocated cache
+# of a long-context model (Llama 3.2: 131072) stays a sane size.
+DEFAULT_MAX_LEN = 4096
 # Upper bounds (seconds) of the time-to-first-token histogram buckets.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -89,7 +92,7 @@ class Engine:
         self.device, self.dtype = weight.device, weight.dtype
         self.dtype_reason = dtype_name(self.dtype)  # from_checkpoint says why it was chosen
         self.max_batch = max_batch
-        self.max_len = min(max_len or self.cfg.max_seq_len, self.cfg.max_seq_len)
+        self.max_len = min(max_len or DEFAULT_MAX_LEN, self.cfg.max_seq_len)
         self.cache = KVCache(self.cfg, max_batch, self.max_len, self.device, self.dtype)
         self.default_stop_ids = tuple(sorted(tokenizer.stop_ids())) if tokenizer is not None else ()
 
