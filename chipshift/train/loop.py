@@ -465,7 +465,8 @@ def _run(trainer: Trainer, run_dir: Path, resume_from, tokenizer_dir, bytes_per_
                     f"stopped at step {trainer.step}: {trainer.bad_in_row} steps in a row had a non-finite "
                     f"loss or gradient ({trainer.bad_total} in all); {where}; lower optim.lr or "
                     f"check the data")
-            if trainer.step % cfg.train.log_every == 0 or trainer.step == cfg.train.steps:
+            out_of_time = distributed.any_flag(time.monotonic() > deadline, world)
+            if trainer.step % cfg.train.log_every == 0 or trainer.step == cfg.train.steps or out_of_time:
                 dt = time.perf_counter() - window_t0
                 tps = window_tokens / dt
                 mfu = tps * trainer.flops_per_token / peak
@@ -483,7 +484,7 @@ def _run(trainer: Trainer, run_dir: Path, resume_from, tokenizer_dir, bytes_per_
                 break
             if cfg.train.ckpt_every and trainer.step % cfg.train.ckpt_every == 0:
                 last_ckpt = trainer.save(run_dir, tokenizer_dir)
-            if distributed.any_flag(time.monotonic() > deadline, world):
+            if out_of_time:
                 stopped = "time limit"
                 log(f"train.max_minutes = {cfg.train.max_minutes} reached at step {trainer.step}")
                 break

@@ -55,7 +55,7 @@ def plot_loss(metrics_path: Path, png: Path, title: str = "") -> Path:
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
+        ax.plot(*zip(*train), ".-", label="train loss", lw=1, ms=3)
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss", lw=1.5)
     ax.set_xlabel("step")
