@@ -62,15 +62,17 @@ class Thresholds:
 
 
 # The half-precision rows are the field's customary bar (cosine 0.99 with max error 1e-3,
-# or cosine 0.9). float32 and float64 are held to bars a few hundred times above what
-# their rounding produces on a 30-layer model (measured figures: docs/parity.md), so that
-# kernel-order differences pass and a real fault does not.
+# or cosine 0.9), plus a relative-L2 bar set above what bfloat16 rounding reaches in the
+# deepest gradients of SmolLM2-135M (0.12). float32 and float64 are held to bars well
+# above what their rounding produces there (float32 vs float64: relative L2 up to 2e-6
+# forward and 2e-4 in the deepest gradients; docs/parity.md), so that kernel-order
+# differences pass and a real fault does not.
 DEFAULT_THRESHOLDS = {
-    "bfloat16": Thresholds(cos_fail=0.99, max_err_fail=1e-3, cos_hard_fail=0.9, rel_l2_fail=0.1, cos_warn=0.999,
-                           stats_fail=0.05, stats_warn=0.02, loss_fail=0.02, loss_warn=0.005),
-    "float16": Thresholds(cos_fail=0.99, max_err_fail=1e-3, cos_hard_fail=0.9, rel_l2_fail=0.05, cos_warn=0.9999,
-                          stats_fail=0.01, stats_warn=0.003, loss_fail=5e-3, loss_warn=1e-3),
-    "float32": Thresholds(cos_fail=0.99999, max_err_fail=1e-4, cos_hard_fail=0.999, rel_l2_fail=1e-3,
+    "bfloat16": Thresholds(cos_fail=0.99, max_err_fail=1e-3, cos_hard_fail=0.9, rel_l2_fail=0.2, cos_warn=0.995,
+                           stats_fail=0.1, stats_warn=0.03, loss_fail=0.02, loss_warn=0.005),
+    "float16": Thresholds(cos_fail=0.99, max_err_fail=1e-3, cos_hard_fail=0.9, rel_l2_fail=0.1, cos_warn=0.999,
+                          stats_fail=0.03, stats_warn=0.01, loss_fail=5e-3, loss_warn=1e-3),
+    "float32": Thresholds(cos_fail=0.99999, max_err_fail=1e-4, cos_hard_fail=0.999, rel_l2_fail=5e-3,
                           cos_warn=0.999999,
                           stats_fail=1e-3, stats_warn=1e-4, loss_fail=1e-4, loss_warn=1e-5),
     "float64": Thresholds(cos_fail=1 - 1e-8, max_err_fail=1e-7, cos_hard_fail=0.99999, rel_l2_fail=1e-6,

@@ -1,0 +1,91 @@
+"""`chipshift parity dump | compare | handoff` end to end on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from chipshift.cli import main
+from chipshift.errors import ChipshiftError
+from chipshift.model.checkpoint import read_sidecar, save_checkpoint
+from chipshift.model.config import preset
+from chipshift.model.transformer import build_model
+from chipshift.parity.handoff import check_handoff_allowed, handoff
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # two OpenMP threads on a loaded two-core machine spin: tiny ops run ~20x slower
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture()
+def ckpt(tmp_path):
+    return save_checkpoint(build_model(preset("tiny"), seed=0), tmp_path / "ckpt")
+
+
+def test_dump_compare_writes_reports_and_exit_codes(ckpt, tmp_path, capsys):
+    a, b, r = tmp_path / "a", tmp_path / "b", tmp_path / "r"
+    assert main(["parity", "dump", str(ckpt), "--dtype", "float32", "--out", str(a), "--steps", "2"]) == 0
+    assert main(["parity", "dump", str(ckpt), "--dtype", "float64", "--out", str(r), "--steps", "2",
+                 "--batch", str(a / "batch.json")]) == 0
+    assert main(["parity", "dump", str(ckpt), "--dtype", "float32", "--out", str(b), "--steps", "2",
+                 "--max-tensor-mb", "0"]) == 0
+    doc = json.loads((a / "dump.json").read_text())
+    assert doc["env"]["device_type"] == "cpu" and doc["env"]["torch"] == torch.__version__
+    assert len(doc["losses"]) == 3 and doc["model"]["weights_sha256"]
+
+    out = tmp_path / "report"
+    assert main(["parity", "compare", str(r), str(a), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["verdict"] == "pass" and report["rule_dtype"] == "float32"
+    assert 1e-9 < report["summary"]["forward"]["median_error"] < 1e-5  # float32 vs float64
+    assert {p.name for p in out.iterdir()} >= {"report.md", "report.json", "depth.png", "loss.png"}
+    assert "PASS" in (out / "report.md").read_text()
+
+    # statistics-only B against a tensor dump: compared by statistics, and it says so
+    assert main(["parity", "compare", str(a), str(b), "--out", str(out)]) == 0
+    assert "statistics only" in capsys.readouterr().out
+
+    # a bar nothing can meet fails, exit status 1 for CI
+    assert main(["parity", "compare", str(r), str(a), "--out", str(out), "--rel-l2-fail", "1e-12"]) == 1
+
+
+def test_bad_input_is_one_line_and_exit_2(ckpt, tmp_path, capsys):
+    assert main(["parity", "compare", str(tmp_path / "x"), str(tmp_path / "y")]) == 2
+    assert "parity dump not found" in capsys.readouterr().err
+    assert main(["parity", "dump", str(tmp_path / "nope"), "--out", str(tmp_path / "d")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert main(["parity", "dump", str(ckpt), "--device", "warp9", "--out", str(tmp_path / "d")]) == 2
+    assert "unknown device" in capsys.readouterr().err
+
+
+def test_handoff_records_verdicts_and_gates_later_stages(ckpt, tmp_path):
+    assert check_handoff_allowed(ckpt) is None
+    assert main(["parity", "handoff", str(ckpt), "--from", "cpu:float32", "--to", "cpu:float64",
+                 "--out", str(tmp_path / "h1")]) == 0
+    record = read_sidecar(ckpt)["handoffs"][-1]
+    assert record["verdict"] == "pass" and record["to"] == "cpu:float64"
+    assert check_handoff_allowed(ckpt)["verdict"] == "pass"
+
+    # a failed handoff (a bar nothing can meet) blocks later stages unless forced
+    assert main(["parity", "handoff", str(ckpt), "--from", "cpu:float32", "--to", "cpu:float64",
+                 "--out", str(tmp_path / "h2"), "--cos-hard-fail", "1.5"]) == 1
+    assert [h["verdict"] for h in read_sidecar(ckpt)["handoffs"]] == ["pass", "fail"]
+    with pytest.raises(ChipshiftError, match=r"last handoff \(cpu:float32 -> cpu:float64.*failed.*--force"):
+        check_handoff_allowed(ckpt)
+    assert check_handoff_allowed(ckpt, force=True)["verdict"] == "fail"
+
+
+def test_handoff_refuses_a_corrupt_checkpoint(ckpt, tmp_path):
+    weights = ckpt / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ChipshiftError, match="model.safetensors is corrupt"):
+        handoff(ckpt, "cpu:float32", "cpu:float64", out=tmp_path / "h")
