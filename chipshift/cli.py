@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "chipshift.data.cli",
     "chipshift.plan.cli",
     "chipshift.train.cli",
+    "chipshift.train.posttrain_cli",
     "chipshift.infer.cli",
     "chipshift.parity.cli",
     "chipshift.pipeline",
