@@ -13,6 +13,7 @@ from chipshift.model.config import preset
 from chipshift.model.transformer import build_model
 from chipshift.parity.compare import compare_dumps
 from chipshift.parity.dump import Dump, default_batch, load_batch, record_run, write_dump
+from parity_helpers import one_thread  # noqa: F401  (autouse)
 
 CFG = preset("tiny", num_layers=4)
 BATCH, BATCH_SOURCE = default_batch(CFG, None, batch_size=2, seq_len=32)
@@ -49,15 +50,6 @@ def make_dump(path, dtype="float32", fault=None, *, steps=1, max_tensor_mb=32.0,
     info = {"config": cfg.to_dict(), "weights_sha256": "seed-0"}
     return Dump(write_dump(path, run, model_info=info, batch=batch, batch_source=BATCH_SOURCE,
                            dtype=DTYPES[dtype], env=ENV))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # two OpenMP threads on a loaded two-core machine spin: tiny ops run ~20x slower
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

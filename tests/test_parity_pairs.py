@@ -15,15 +15,7 @@ from chipshift.model.config import preset
 from chipshift.model.transformer import build_model
 from chipshift.parity.compare import compare_dumps
 from chipshift.parity.dump import Dump, dump_checkpoint
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # two OpenMP threads on a loaded two-core machine spin: tiny ops run ~20x slower
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from parity_helpers import one_thread  # noqa: F401  (autouse)
 
 
 @pytest.fixture(scope="module")
