@@ -81,3 +81,27 @@ def test_handoff_refuses_a_corrupt_checkpoint(ckpt, tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(ChipshiftError, match="model.safetensors is corrupt"):
         handoff(ckpt, "cpu:float32", "cpu:float64", out=tmp_path / "h")
+
+
+def test_train_pair_compares_loss_curves_step_by_step(tmp_path):
+    import numpy as np
+
+    from chipshift.parity.train import train_pair
+    from chipshift.train.config import from_dict
+    from chipshift.train.data import TokenWindows
+
+    base = np.random.default_rng(0).integers(0, 512, 48)
+    toks = np.concatenate([np.roll(base, k) for k in range(60)]).astype(np.uint16)
+    cfg = from_dict({"model": {"preset": "tiny"}, "data": {"seq_len": 32, "batch_size": 4},
+                     "optim": {"warmup_steps": 1}, "train": {"eval_every": 0, "ckpt_every": 0}})
+    kw = dict(train_stream=TokenWindows(toks, 32, 0), progress=False)
+    same = train_pair(cfg, "cpu:float32", "cpu:float32", 4, tmp_path / "same", **kw)
+    assert same["verdict"] == "pass" and same["loss"]["max_rel_diff"] == 0
+    assert len(same["loss"]["a"]) == 4 and same["loss"]["a"][-1] < same["loss"]["a"][0]
+    assert (tmp_path / "same" / "loss.png").exists() and "PASS" in (tmp_path / "same" / "report.md").read_text()
+    # a tolerance nothing can meet: bfloat16 differs from float32 at the first step
+    bf16 = train_pair(cfg, "cpu:float32", "cpu:bfloat16", 2, tmp_path / "bf16", thresholds={"loss_fail": 1e-9}, **kw)
+    assert bf16["rule_dtype"] == "bfloat16" and bf16["verdict"] == "fail"
+    assert 0 < bf16["loss"]["max_rel_diff"] < 0.05
+    with pytest.raises(ChipshiftError, match="exists"):
+        train_pair(cfg, "cpu:float32", "cpu:float32", 1, tmp_path / "same", **kw)

@@ -8,4 +8,5 @@
     report.py   report.md, report.json and the PNG figures
     handoff.py  dump a checkpoint on two devices, compare, record the verdict in its
                 sidecar; `check_handoff_allowed` lets later stages refuse a failed handoff
+    train.py    one training config on two targets, loss curves compared step by step
 """

@@ -1,4 +1,4 @@
-"""`chipshift parity dump | compare | handoff`."""
+"""`chipshift parity dump | compare | handoff | train`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+from chipshift.errors import ChipshiftError
 from chipshift.parity.compare import Thresholds, compare_dumps
 from chipshift.parity.dump import DEFAULT_MAX_TENSOR_MB, Dump, dump_checkpoint
 from chipshift.parity.handoff import handoff
@@ -112,6 +113,23 @@ def register(sub) -> None:
     _add_threshold_options(h)
     h.set_defaults(func=run_handoff)
 
+    t = psub.add_parser("train", help="train the same config on two targets and compare the loss curves",
+                        description="Run the training config CONFIG for --steps steps on --a and then on --b "
+                                    "(same seed, so the same initial weights and data order; only device and "
+                                    "dtype differ), log the loss every step, compare the curves step by step "
+                                    "with the coarser dtype's loss tolerance, write report.md, report.json and "
+                                    "loss.png to --out, and exit 1 when they disagree.")
+    t.add_argument("config", help="training config (TOML, as for `chipshift pretrain`)")
+    t.add_argument("--a", required=True, metavar="DEVICE[:DTYPE]", help="baseline target, e.g. cpu:float32")
+    t.add_argument("--b", required=True, metavar="DEVICE[:DTYPE]", help="target under test, e.g. npu:bfloat16")
+    t.add_argument("--steps", type=int, required=True, help="optimizer steps on each side")
+    t.add_argument("--out", required=True, help="directory for the two runs and the report (must be new)")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value on both sides, e.g. --set data.batch_size=4")
+    t.add_argument("--loss-fail", type=float, help="fail when a step's losses differ by more than this (relative)")
+    t.add_argument("--loss-warn", type=float, help="warn when a step's losses differ by more than this")
+    t.set_defaults(func=run_train)
+
 
 def run_dump(args) -> int:
     out = dump_checkpoint(args.checkpoint, args.out, device=args.device, dtype=args.dtype, **_dump_kwargs(args))
@@ -153,3 +171,18 @@ def run_handoff(args) -> int:
     _print_result(result, Path(record["report"]).parent, time.perf_counter() - t0)
     print(f"recorded handoff {record['from']} -> {record['to']}: {record['verdict']} in {args.checkpoint}")
     return 1 if record["verdict"] == "fail" else 0
+
+
+def run_train(args) -> int:
+    from chipshift.parity.train import train_pair
+    from chipshift.train.config import load_config
+
+    if args.steps < 1:
+        raise ChipshiftError(f"--steps = {args.steps}: must be at least 1")
+    report = train_pair(load_config(args.config, args.set), args.a, args.b, args.steps, args.out,
+                        thresholds={"loss_fail": args.loss_fail, "loss_warn": args.loss_warn})
+    loss = report["loss"]
+    print(f"verdict: {report['verdict'].upper()}: max relative loss difference {loss['max_rel_diff']:.3g} over "
+          f"{args.steps} steps (tolerance {loss['tolerance']:g}, {report['rule_dtype']})")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 1 if report["verdict"] == "fail" else 0
