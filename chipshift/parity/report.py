@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -20,10 +21,11 @@ def depth_of(name: str, num_layers: int) -> int:
 
 
 def per_depth(rows: list[dict], num_layers: int, key: str) -> list[float]:
-    worst = [0.0] * (num_layers + 2)
+    """The worst `key` per depth; NaN (a gap in the plot) where no module was recorded."""
+    worst = [math.nan] * (num_layers + 2)
     for r in rows:
         d = depth_of(r["name"], num_layers)
-        worst[d] = max(worst[d], r[key])
+        worst[d] = r[key] if math.isnan(worst[d]) else max(worst[d], r[key])
     return worst
 
 
@@ -34,17 +36,18 @@ def plot_depth(result: dict, num_layers: int, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     x = list(range(num_layers + 2))
+    keys = ([("err_a_vs_ref", "o-", "A vs reference"), ("err_b_vs_ref", "s-", "B vs reference")]
+            if "reference" in result["dumps"] else [("error", "o-", "B vs A")])
+    positive = [r[k] for d in DIRECTIONS for r in result["modules"][d] for k, _, _ in keys if r[k] > 0]
     for ax, direction in zip(axes, DIRECTIONS):
         rows = result["modules"][direction]
-        if "reference" in result["dumps"]:
-            ax.plot(x, per_depth(rows, num_layers, "err_a_vs_ref"), "o-", ms=3, label="A vs reference")
-            ax.plot(x, per_depth(rows, num_layers, "err_b_vs_ref"), "s-", ms=3, label="B vs reference")
-        else:
-            ax.plot(x, per_depth(rows, num_layers, "error"), "o-", ms=3, label="B vs A")
+        for key, style, label in keys:
+            ax.plot(x, per_depth(rows, num_layers, key), style, ms=3, label=label)
         bad = sorted({depth_of(r["name"], num_layers) for r in rows if r["verdict"] == "fail"})
         for d in bad:
             ax.axvspan(d - 0.4, d + 0.4, color="red", alpha=0.15, lw=0)
-        ax.set_yscale("symlog", linthresh=1e-12)
+        # symlog so that exact agreement (0) still shows, linear only below the smallest error
+        ax.set_yscale("symlog", linthresh=min(positive, default=1e-12))
         ax.set_title(f"{direction} ({'relative L2 error' if result['mode'] == 'tensors' else 'error'}, worst per layer)")
         ax.set_xlabel("depth: 0 = embedding, 1..L = layers, L+1 = norm and logits")
         ax.grid(alpha=0.3)
