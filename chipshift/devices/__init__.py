@@ -233,8 +233,8 @@ class Device:
             return dtype, f"{dtype_name(dtype)} (the first of bfloat16, float16 that works fast on {self.type})"
         if self.is_cpu:
             return torch.float32, ("float32 (this CPU computes bfloat16/float16 slower than float32: "
-                                   f"{self.peak_flops(torch.bfloat16)[0] / 1e9:.0f} vs "
-                                   f"{self.peak_flops(torch.float32)[0] / 1e9:.0f} GFLOP/s)")
+                                   f"{self.peak_flops(torch.bfloat16)[0] / 1e9:.3g} vs "
+                                   f"{self.peak_flops(torch.float32)[0] / 1e9:.3g} GFLOP/s)")
         return torch.float32, "float32 (neither bfloat16 nor float16 works here)"
 
     @property

@@ -142,12 +142,16 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # `_weight` skips nn.Embedding's own normal_() init: on the meta device that call
+        # imports much of torch._dynamo (seconds per process); init_weights() draws it anyway
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # float32 on purpose and not a buffer, so that `model.to(bfloat16)` cannot round it
-        self._inv_freq = rope_inv_freq(cfg)
+        with torch.device("cpu"):  # real values even when the model is built on meta
+            self._inv_freq = rope_inv_freq(cfg)
         self.attn_impl = "sdpa"  # or "math"; a runtime choice, not part of the checkpoint
         self.activation_checkpointing = False
 
@@ -229,7 +233,6 @@ def build_model(cfg: ModelConfig, device="cpu", dtype: torch.dtype = torch.float
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device=device)
-    model._inv_freq = rope_inv_freq(cfg)
     if seed is not None:
         model.init_weights(seed)
     return model.to(dtype)
