@@ -16,6 +16,8 @@ The config is a training config ([run] [data] [optim] [train], as for `pretrain`
       identity_repeats  SFT: how many times the identity set is repeated
       beta              DPO: the strength of the KL constraint (default 0.1)
       force             start even if the init checkpoint's last handoff failed
+      evaluate          run the evaluation before and after (default true)
+      eval_max_new_tokens  the longest generated identity answer (default 32)
     [lora]
       enabled, rank, alpha, dropout, targets (see `chipshift.model.lora`)
 
@@ -51,6 +53,7 @@ class PostTrainSection:
     identity_repeats: int = 1
     beta: float = 0.1
     force: bool = False
+    evaluate: bool = True
     eval_max_new_tokens: int = 32
 
 
@@ -197,7 +200,7 @@ def run_posttrain(cfg: PostTrainConfig, *, resume: bool = False, force: bool = F
     world = distributed.init(device)
     try:
         evaluation = {}
-        if world.is_main:
+        if world.is_main and post.evaluate:
             model.to(device.torch_device)
             evaluation["before"] = _evaluate(cfg, model, tok, val_stream)
         if cfg.kind == "dpo":
@@ -218,7 +221,8 @@ def run_posttrain(cfg: PostTrainConfig, *, resume: bool = False, force: bool = F
         result = train(tcfg, objective, train_stream, val_stream, resume=resume, model=model,
                        tokenizer_dir=post.init, progress=progress, log=log)
         if world.is_main and result.stopped == "done":
-            evaluation["after"] = _evaluate(cfg, model, tok, val_stream)
+            if post.evaluate:
+                evaluation["after"] = _evaluate(cfg, model, tok, val_stream)
             evaluation["val_loss"] = result.last_val_loss
             (run_dir / "eval.json").write_text(json.dumps(
                 {"kind": cfg.kind, "init": post.init, "checkpoint": str(result.checkpoint),
@@ -272,7 +276,7 @@ def run(args) -> int:
     if result.stopped == "signal":
         print(f"stopped at step {result.step}; checkpoint {result.checkpoint}; continue with --resume")
         return 130
-    summary = ", ".join(f"{k} {evaluation['before'].get(k, 0):.3f} -> {v:.3f}"
+    summary = ", ".join(f"{k} {evaluation['before'][k]:.3f} -> {v:.3f}"
                         for k, v in evaluation.get("after", {}).items() if isinstance(v, float))
     val = f", val loss {result.last_val_loss:.4f}" if result.last_val_loss is not None else ""
     print(f"done: step {result.step}{val}; {summary}; checkpoint {result.checkpoint}")
