@@ -368,7 +368,8 @@ class RunState:
         rec = self.data["stages"].get(name) or {}
         if rec.get("status") != "done" or rec.get("fingerprint") != fingerprint:
             return False
-        return all(Path(p).is_file() and sha256_of(Path(p)) == digest for p, digest in rec.get("outputs", {}).items())
+        outputs = (rec.get("result") or {}).get("outputs", {})
+        return all(Path(p).is_file() and sha256_of(Path(p)) == digest for p, digest in outputs.items())
 
 
 # -- running ---------------------------------------------------------------------------------
@@ -763,7 +764,16 @@ def handoff_before(ctx: Context, st: Stage, chain: str) -> None:
         key = f"handoff.{st.name}"
         fp = hashlib.sha256(f"{chain}{a}{b}{sorted(st.handoff.items())}".encode()).hexdigest()[:16]
         rec = ctx.state.data["stages"].get(key) or {}
-        if rec.get("fingerprint") != fp or rec.get("status") not in ("done", "failed"):
+        same = [r for k, r in ctx.state.data["stages"].items() if k != key and r.get("kind") == "handoff"
+                and r.get("status") == "done" and r["result"]["checkpoint"] == str(ckpt)
+                and (r["result"]["from"], r["result"]["to"]) == (":".join(a), ":".join(b))
+                and r.get("settings", {}) == st.handoff]
+        if same and rec.get("fingerprint") != fp:  # this checkpoint already made this move: one check is enough
+            ctx.state.data["stages"][key] = {**same[0], "fingerprint": fp, "to_stage": st.name, "seconds": 0.0,
+                                            "reused": True}
+            ctx.state.save()
+            print(f"== handoff {src.name} -> {st.name}: verified already ({same[0]['result']['verdict']})")
+        elif rec.get("fingerprint") != fp or rec.get("status") not in ("done", "failed"):
             frm, to = ":".join(a), ":".join(b)
             print(f"== handoff {src.name} -> {st.name}: {frm} -> {to}", flush=True)
             t0 = time.perf_counter()
@@ -777,6 +787,7 @@ def handoff_before(ctx: Context, st: Stage, chain: str) -> None:
             ctx.state.data["stages"][key] = {
                 "kind": "handoff", "status": "done" if record["verdict"] != "fail" else "failed",
                 "fingerprint": fp, "from_stage": src.name, "to_stage": st.name, "seconds": time.perf_counter() - t0,
+                "settings": st.handoff,
                 "result": {"verdict": record["verdict"], "from": frm, "to": to, "rule": record["rule"],
                            "first_failing": record["first_failing"], "loss_max_rel_diff": record["loss_max_rel_diff"],
                            "worst_error": worst, "report": str(report_dir / "report.md"),
@@ -829,25 +840,27 @@ def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = True) ->
                   + (f", {st.nproc} processes" if st.nproc > 1 else "") + ")", flush=True)
             dev = get_device(rec["device"] if on_device else "cpu")
             dev.reset_peak_memory()
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             try:
                 result = RUNNERS[st.kind](ctx, st)
             finally:
                 rec["seconds"] = rec["seconds_before"] + time.perf_counter() - t0
+                # this process's CPU time (all its threads): on a shared machine, steadier than wall time
+                rec["cpu_seconds"] = time.process_time() - cpu0
             result["outputs"] = {str(p): sha256_of(Path(p)) for p in result.get("outputs", [])}
             rec.update(status="done", result=result,
                        peak_memory=dev.max_memory_allocated() if st.nproc == 1 else None)
             state.save()
         except (Interrupted, KeyboardInterrupt) as exc:
-            state.record(st.name)["status"] = "interrupted"
+            state.record(st.name).update(kind=st.kind, status="interrupted")
             state.save()
             write_report(recipe.out, state.data)
-            print(f"interrupted in stage {st.name} ({exc or 'Ctrl-C'}); run the same command again to "
+            print(f"interrupted in stage {st.name} ({str(exc) or 'Ctrl-C'}); run the same command again to "
                   f"continue", file=sys.stderr)
             raise KeyboardInterrupt from None
         except ChipshiftError as exc:
             rec = state.record(st.name)
-            rec.update(status="failed", error=str(exc))
+            rec.update(kind=st.kind, status="failed", error=str(exc))
             state.save()
             write_report(recipe.out, state.data)
             raise ChipshiftError(f"stage {st.name}: {exc} (report: {recipe.out / 'report.html'})") from None

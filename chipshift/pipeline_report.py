@@ -90,13 +90,14 @@ def _stage_rows(stages: dict) -> list[list[str]]:
             final = f"FAILED: {rec.get('error', '')}"
         rows.append([name, rec.get("kind", ""), rec.get("status", ""), rec.get("device") or "—",
                      rec.get("dtype") or "—", str(rec.get("nproc", 1)), _seconds(rec.get("seconds")),
+                     _seconds(rec.get("cpu_seconds")) if rec.get("nproc", 1) == 1 else "—",
                      f"{m['tokens_per_s']:,.0f}" if m.get("tokens_per_s") else "—",
                      f"{m['mfu']:.1%}" if m.get("mfu") is not None else "—",
                      _bytes(rec.get("peak_memory")), final])
     return rows
 
 
-STAGE_HEADER = ["stage", "kind", "status", "device", "dtype", "procs", "time", "tokens/s", "MFU",
+STAGE_HEADER = ["stage", "kind", "status", "device", "dtype", "procs", "time", "CPU time", "tokens/s", "MFU",
                 "peak memory", "final metrics"]
 HANDOFF_HEADER = ["handoff", "from", "to", "verdict", "rule", "first failing", "worst fwd error",
                   "worst bwd error", "loss rel. diff"]
@@ -159,8 +160,16 @@ def _img(path: Path) -> str:
 
 def _status_line(state: dict) -> str:
     stages = state.get("stages", {})
-    bad = [(n, r) for n, r in stages.items() if r.get("status") in ("failed", "interrupted", "running")]
+    bad = [(n, r) for n, r in stages.items()
+           if r.get("status") in ("failed", "interrupted", "running") and r.get("kind") != "handoff"]
     total = sum(r.get("seconds", 0) or 0 for r in stages.values())
+    failed_handoffs = [r for r in stages.values() if r.get("kind") == "handoff" and r.get("status") == "failed"]
+    if bad and failed_handoffs:
+        r = failed_handoffs[-1]
+        first = ", ".join(f"{d} {n}" for d, n in (r["result"].get("first_failing") or {}).items() if n)
+        return (f"stopped: the handoff {r['from_stage']} → {r['to_stage']} ({r['result']['from']} → "
+                f"{r['result']['to']}) failed, first diverging at {first or 'the loss'}; see Handoffs "
+                f"(time so far {_seconds(total)})")
     if bad:
         name, rec = bad[0]
         why = rec.get("error") or ("stopped by a signal; run the same command again to continue"
