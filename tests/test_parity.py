@@ -132,6 +132,13 @@ def test_error_ratio_rule_against_a_float64_reference(baselines):
     assert better["verdict"] == "pass"
 
 
+def test_statistics_only_reference_turns_the_ratio_rule_to_statistics(baselines, tmp_path):
+    ref = make_dump(tmp_path / "r", "float64", max_tensor_mb=0)
+    result = compare_dumps(baselines["float32"], baselines["bfloat16"], ref)
+    assert result["mode"] == "statistics"
+    assert all("norm_rel_diff" in r and "ratio" in r for r in result["modules"]["backward"])
+
+
 def test_loss_curve_compared_step_by_step(baselines, tmp_path):
     a = make_dump(tmp_path / "a", steps=3)
     b = make_dump(tmp_path / "b", steps=3, fault=("scale_noise", "layers.3.mlp"))

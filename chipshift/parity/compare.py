@@ -225,22 +225,23 @@ def compare_dumps(a: Dump, b: Dump, reference: Dump | None = None, **overrides) 
         rrecs = reference.records(direction) if reference is not None else None
         for i, (ra, rb) in enumerate(zip(a.records(direction), b.records(direction))):
             mode, m = pair_metrics(a, ra, b, rb)
+            if reference is not None:
+                rr = rrecs[i]
+                mode_ar, m_ar = pair_metrics(reference, rr, a, ra)
+                mode_br, m_br = pair_metrics(reference, rr, b, rb)
+                if len({mode, mode_ar, mode_br}) > 1:  # judge all three by the same kind of figure
+                    mode, m = "statistics", stats_metrics(ra, rb)
+                    m_ar, m_br = stats_metrics(rr, ra), stats_metrics(rr, rb)
             row = {"name": ra["name"], "mode": mode, **m, "nonfinite_a": ra["nonfinite"],
                    "nonfinite_b": rb["nonfinite"]}
+            if reference is not None:
+                err_a, err_b = error_of(mode, m_ar), error_of(mode, m_br)
+                ratio = err_b / max(err_a, floor) if err_b > floor else 0.0
+                row.update(err_a_vs_ref=err_a, err_b_vs_ref=err_b, ratio=ratio, absolute=judge(mode, m, th)[0])
             if ra["nonfinite"] != rb["nonfinite"]:
                 verdict, reason = "fail", f"non-finite values: {ra['nonfinite']} in A, {rb['nonfinite']} in B"
             elif reference is not None:
-                rr = rrecs[i]
-                mode_r, m_ar = pair_metrics(reference, rr, a, ra)
-                _, m_br = pair_metrics(reference, rr, b, rb)
-                if mode_r != mode:  # judge all three by the same kind of figure
-                    mode, m_ar, m_br = "statistics", stats_metrics(rr, ra), stats_metrics(rr, rb)
-                    row["mode"] = mode
-                err_a, err_b = error_of(mode, m_ar), error_of(mode, m_br)
-                ratio = err_b / max(err_a, floor) if err_b > floor else 0.0
-                row.update(err_a_vs_ref=err_a, err_b_vs_ref=err_b, ratio=ratio,
-                           absolute=judge(row["mode"], m, th)[0])
-                verdict, reason = judge_ratio(ratio, th)
+                verdict, reason = judge_ratio(row["ratio"], th)
             else:
                 verdict, reason = judge(mode, m, th)
             row.update(verdict=verdict, reason=reason, error=error_of(row["mode"], m))
