@@ -7,6 +7,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+from chipshift.devices import known_types
 from chipshift.errors import ChipshiftError
 from chipshift.parity.compare import Thresholds, compare_dumps
 from chipshift.parity.dump import DEFAULT_MAX_TENSOR_MB, Dump, dump_checkpoint
@@ -77,7 +78,7 @@ def register(sub) -> None:
                                     "dump.json (statistics, losses, environment), tensors.safetensors (while "
                                     "they fit --max-tensor-mb) and batch.json to --out.")
     d.add_argument("checkpoint", help="chipshift checkpoint directory")
-    d.add_argument("--device", default="cpu", help="cpu, cuda, npu, mlu, xpu, musa, mps, with :INDEX (default cpu)")
+    d.add_argument("--device", default="cpu", help=f"{', '.join(known_types())}, optionally with :INDEX (default cpu)")
     d.add_argument("--dtype", default="auto", help="float64 (a CPU reference), float32, bfloat16, float16, "
                    "or auto: the device's compute dtype (default auto)")
     d.add_argument("--out", required=True, help="dump directory to write")
@@ -103,7 +104,8 @@ def register(sub) -> None:
                                     "stages refuse a checkpoint whose last handoff failed unless --force.")
     h.add_argument("checkpoint", help="chipshift checkpoint directory")
     h.add_argument("--from", dest="source", required=True, metavar="DEVICE[:DTYPE]",
-                   help="where the checkpoint was made, e.g. cpu:float32 or cuda:0:bfloat16")
+                   help="where the checkpoint was made, e.g. cpu:float32; an index may follow the device "
+                        "(DEVICE:1:bfloat16); no dtype = the device's compute dtype")
     h.add_argument("--to", dest="target", required=True, metavar="DEVICE[:DTYPE]",
                    help="where it moves, e.g. npu:bfloat16")
     h.add_argument("--reference", metavar="DEVICE[:DTYPE]", help="also dump a reference (cpu:float64) and "

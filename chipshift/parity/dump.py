@@ -355,7 +355,7 @@ class Dump:
 
 # -- the command -----------------------------------------------------------------------
 def parse_target(spec: str) -> tuple[str, str]:
-    """'cpu:float64', 'cuda:1:bfloat16', 'npu' -> (device spec, dtype name or 'auto')."""
+    """'cpu:float64' -> ('cpu', 'float64'); 'DEV:1:bfloat16' -> ('DEV:1', 'bfloat16'); 'DEV' -> ('DEV', 'auto')."""
     from chipshift.devices import DTYPES
     head, _, tail = spec.rpartition(":")
     if head and tail in DTYPES:
