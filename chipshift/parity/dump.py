@@ -295,16 +295,19 @@ def write_dump(out: str | Path, run: RunResult, *, model_info: dict, batch: torc
         "tensors_file": TENSORS if run.tensors else None,
         "records": run.records,
     }
-    (tmp / BATCH_JSON).write_text(json.dumps({"input_ids": batch.tolist()}))
-    if run.tensors:
-        save_file(run.tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
-    (tmp / DUMP_JSON).write_text(json.dumps(doc, indent=1))
-    if out.exists():
-        if not (out / DUMP_JSON).exists():
-            shutil.rmtree(tmp)
-            raise ChipshiftError(f"{out} exists and is not a parity dump; refusing to overwrite it")
-        shutil.rmtree(out)
-    os.rename(tmp, out)
+    try:
+        (tmp / BATCH_JSON).write_text(json.dumps({"input_ids": batch.tolist()}))
+        if run.tensors:
+            save_file(run.tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
+        (tmp / DUMP_JSON).write_text(json.dumps(doc, indent=1))
+        if out.exists():
+            if not (out / DUMP_JSON).exists():
+                raise ChipshiftError(f"{out} exists and is not a parity dump; refusing to overwrite it")
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
