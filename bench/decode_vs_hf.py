@@ -207,7 +207,7 @@ def main() -> int:
     p.add_argument("--batches", default="1,8")
     p.add_argument("--rounds", type=int, default=3, help="A B rounds per configuration (default 3)")
     p.add_argument("--server-rounds", type=int, default=3, help="0 skips the server measurement")
-    p.add_argument("--server-dtype", default="bfloat16")
+    p.add_argument("--server-dtype", default="auto", help="serving dtype (default auto: what `chipshift serve` picks)")
     p.add_argument("--server-model", default="smollm2", help="M or smollm2 (default; M has no tokenizer)")
     p.add_argument("--work", default=None, help="keep the prepared checkpoints here (default: a temp dir)")
     p.add_argument("--worker", choices=["chipshift", "hf"], help=argparse.SUPPRESS)
