@@ -266,3 +266,24 @@ def test_objective_metrics_are_logged_and_time_limit_ends_cleanly(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("half") == 0.5 for r in records) and any(r.get("val_half") == 0.5 for r in records)
     assert state.latest_valid(tmp_path)[1]["meta"]["objective"] == "lm+metric"
+
+
+def test_activation_checkpointing_gives_the_same_step(tmp_path):
+    results = []
+    for ckpt in (False, True):
+        cfg = tiny_cfg(tmp_path / str(ckpt), run={"activation_checkpointing": ckpt})
+        trainer = Trainer(cfg, LanguageModeling(), streams()[0], model_cfg=cfg.model_config(), log=lambda *a: None)
+        results.append((trainer.train_step().loss, trainer.weights()))
+    (loss_a, wa), (loss_b, wb) = results
+    assert loss_a == loss_b
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-6, atol=1e-7)
+
+
+def test_float16_uses_autocast_with_loss_scaling(tmp_path):
+    cfg = tiny_cfg(tmp_path, run={"dtype": "float16"})
+    trainer = Trainer(cfg, LanguageModeling(), streams()[0], model_cfg=cfg.model_config(), log=lambda *a: None)
+    stats = [trainer.train_step() for _ in range(3)]
+    assert trainer.precision == "autocast" and trainer.scaler is not None
+    assert next(trainer.model.parameters()).dtype == torch.float32
+    assert all(math.isfinite(s.loss) for s in stats) and "scale" in trainer.meta()["scaler"]
