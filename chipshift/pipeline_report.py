@@ -97,6 +97,35 @@ def _stage_rows(stages: dict) -> list[list[str]]:
     return rows
 
 
+def _highlights(stages: dict) -> list[str]:
+    """The figures a reader looks for first: did every loss fall, did the handoffs pass, did
+    post-training move the measured accuracies."""
+    out = []
+    losses = []
+    for name, rec in stages.items():
+        m = (rec.get("result") or {}).get("metrics", {})
+        if rec.get("kind") in ("pretrain", "sft", "dpo") and "first_loss" in m:
+            val = (f", validation {m['first_val_loss']:.3f} → {m['final_val_loss']:.3f}"
+                   if "first_val_loss" in m else "")
+            losses.append(f"{name} {m['first_loss']:.3f} → {m['final_loss']:.3f}{val}")
+    if losses:
+        out.append("Training loss (first → last logged step): " + "; ".join(losses))
+    for name, rec in stages.items():
+        if rec.get("kind") == "handoff":
+            r = rec["result"]
+            out.append(f"Handoff {rec['from_stage']} → {rec['to_stage']} ({r['from']} → {r['to']}): "
+                       f"{r['verdict'].upper()}")
+    evals = [(n, rec["result"]["metrics"]) for n, rec in stages.items()
+             if rec.get("kind") == "eval" and rec.get("status") == "done"]
+    if len(evals) >= 2:
+        (first, a), (last, b) = evals[0], evals[-1]
+        for key, label in (("identity_accuracy", "Identity accuracy (held-out questions)"),
+                           ("preference_accuracy", "Preference accuracy (held-out pairs)")):
+            if key in a and key in b:
+                out.append(f"{label}: {a[key]:.0%} ({first}) → {b[key]:.0%} ({last})")
+    return out
+
+
 STAGE_HEADER = ["stage", "kind", "status", "device", "dtype", "procs", "time", "CPU time", "tokens/s", "MFU",
                 "peak memory", "final metrics"]
 HANDOFF_HEADER = ["handoff", "from", "to", "verdict", "rule", "first failing", "worst fwd error",
@@ -178,6 +207,12 @@ def _status_line(state: dict) -> str:
     return f"all {sum(1 for r in stages.values() if r.get('kind') != 'handoff')} stages done in {_seconds(total)}"
 
 
+MFU_NOTE = ("time is wall-clock; CPU time is this process's (all threads), steadier on a shared machine. "
+            "tokens/s and MFU are means over the logged steps after the first; MFU is against the peak of the "
+            "stage's dtype (chip catalogue, or a measured matmul probe on a CPU). A CPU that emulates bfloat16 "
+            "runs the loop's bfloat16 matmuls as float32 GEMMs, so there the bfloat16 MFU can exceed 100%. "
+            "Peak memory is the process's peak resident set on a CPU, the allocator's peak on an accelerator.")
+
 CSS = """
 body{font:14px/1.45 -apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1150px;color:#222}
 h1{font-size:22px;margin-bottom:4px} h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:3px}
@@ -186,7 +221,7 @@ table{border-collapse:collapse;margin:8px 0;font-size:12.5px} th,td{border:1px s
 th{background:#f5f5f5} td.pass{background:#e6f4ea;font-weight:600} td.warn{background:#fff4d6;font-weight:600}
 td.fail{background:#fde2e1;font-weight:600} .figs img{width:49%;margin:0.3%;border:1px solid #eee}
 img{max-width:100%} pre{background:#f7f7f7;padding:8px;font-size:11.5px;overflow:auto;max-height:420px}
-table.samples td{max-width:330px}
+table.samples td{max-width:330px} .note{font-size:11.5px;color:#666}
 """
 
 
@@ -211,12 +246,15 @@ def write_report(run_dir: str | Path, state: dict) -> Path:
     commands = [(n, rec["result"]["command"]) for n, rec in stages.items()
                 if rec.get("status") == "done" and (rec.get("result") or {}).get("command")]
 
+    highlights = _highlights(stages)
     md = [f"# chipshift run: {name}", "", f"**{status}** — written {when}", "",
-          "## Stages", "", _md_table(STAGE_HEADER, stage_rows), ""]
+          *[f"- {x}" for x in highlights], "", "## Stages", "", _md_table(STAGE_HEADER, stage_rows), "",
+          MFU_NOTE, ""]
     h = [f"<!doctype html><html><head><meta charset='utf-8'><title>chipshift run: {html.escape(name)}</title>"
          f"<style>{CSS}</style></head><body>", f"<h1>chipshift run: {html.escape(name)}</h1>",
          f"<p class='status'><b>{html.escape(status)}</b> — written {when}</p>",
-         "<h2>Stages</h2>", _html_table(STAGE_HEADER, stage_rows)]
+         "<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in highlights) + "</ul>",
+         "<h2>Stages</h2>", _html_table(STAGE_HEADER, stage_rows), f"<p class='note'>{html.escape(MFU_NOTE)}</p>"]
     md += ["## Handoffs", ""]
     h.append("<h2>Handoffs</h2>")
     if handoffs:
