@@ -41,23 +41,23 @@ def _random_tokens(vocab: int, n: int):
     return np.random.default_rng(0).integers(0, vocab, n).astype(np.int64)
 
 
-def worker_ours(shape: str, dtype: str, steps: int, warmup: int, device: str) -> dict:
+def worker_ours(shape: str, dtype: str, steps: int, warmup: int, device: str, overrides=()) -> dict:
     import torch
 
     from chipshift.devices import get_device
     from chipshift.model.config import preset
-    from chipshift.train.config import from_dict
+    from chipshift.train.config import apply_overrides, from_dict
     from chipshift.train.data import TokenWindows
     from chipshift.train.loop import Trainer
     from chipshift.train.objectives import LanguageModeling
 
     dev = get_device(device)
     mcfg = preset(shape)
-    cfg = from_dict({"run": {"device": device, "dtype": dtype}, "model": {"preset": shape},
+    cfg = from_dict(apply_overrides({"run": {"device": device, "dtype": dtype}, "model": {"preset": shape},
                      "data": {"seq_len": SEQ, "batch_size": BATCH},
                      "optim": {"lr": LR, "beta1": BETAS[0], "beta2": BETAS[1], "weight_decay": WD,
                                "grad_clip": CLIP, "warmup_steps": 0, "schedule": "constant"},
-                     "train": {"steps": steps + warmup}})
+                     "train": {"steps": steps + warmup}}, list(overrides)))
     stream = TokenWindows(_random_tokens(mcfg.vocab_size, BATCH * (SEQ + 1) * (steps + warmup + 1)), SEQ)
     base = dev.memory_allocated()
     dev.reset_peak_memory()
@@ -66,7 +66,9 @@ def worker_ours(shape: str, dtype: str, steps: int, warmup: int, device: str) ->
     def step():
         trainer.train_step()
     return _time(step, steps, warmup, dev, base, {"precision": trainer.precision, "upcast": trainer.upcast,
-                                                  "loss": None, "threads": torch.get_num_threads()})
+                                                  "attn_impl": trainer.model.attn_impl,
+                                                  "checkpointing": trainer.model.activation_checkpointing,
+                                                  "threads": torch.get_num_threads()})
 
 
 def worker_hf(shape: str, dtype: str, steps: int, warmup: int, device: str) -> dict:
@@ -159,6 +161,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="timed steps per process")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a chipshift config override for our side, e.g. run.activation_checkpointing=true")
     p.add_argument("--worker", choices=["ours", "hf", "ceiling"], help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
     p.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -167,8 +171,10 @@ def main() -> None:
         print(json.dumps(worker_ceiling(a.dtype, a.device)))
         return
     if a.worker:
-        fn = worker_ours if a.worker == "ours" else worker_hf
-        print(json.dumps(fn(a.shape, a.dtype, a.steps, a.warmup, a.device)))
+        if a.worker == "ours":
+            print(json.dumps(worker_ours(a.shape, a.dtype, a.steps, a.warmup, a.device, a.ours_set)))
+        else:
+            print(json.dumps(worker_hf(a.shape, a.dtype, a.steps, a.warmup, a.device)))
         return
 
     from chipshift.model.config import preset
@@ -187,8 +193,9 @@ def main() -> None:
             runs = {"ours": [], "hf": []}
             for r in range(a.rounds):
                 for side in ("ours", "hf"):
+                    extra = [f"--ours-set={o}" for o in a.ours_set] if side == "ours" else []
                     res = run_worker(["--worker", side, "--shape", shape, "--dtype", dtype, "--steps", str(a.steps),
-                                      "--warmup", str(a.warmup), "--device", a.device])
+                                      "--warmup", str(a.warmup), "--device", a.device, *extra])
                     runs[side].append(res)
                     print(f"  {shape} {dtype} round {r + 1} {side:4s}: {res['tokens_per_s']:8.0f} tok/s, "
                           f"peak {res['peak_mem_bytes'] / 2**20:7.0f} MiB", flush=True)
@@ -199,6 +206,8 @@ def main() -> None:
                    "hf_mfu": med["hf"] * fpt / ceiling, "ceiling_gflops": ceiling / 1e9,
                    "ours_peak_mib": mem["ours"] / 2**20, "hf_peak_mib": mem["hf"] / 2**20,
                    "ours_precision": runs["ours"][0].get("precision"), "ours_upcast": runs["ours"][0].get("upcast"),
+                   "ours_attn_impl": runs["ours"][0].get("attn_impl"),
+                   "ours_checkpointing": runs["ours"][0].get("checkpointing"), "ours_overrides": a.ours_set,
                    "rounds": a.rounds, "steps": a.steps}
             results.append(row)
             print(f"{shape} {dtype}: chipshift {med['ours']:.0f} tok/s vs HF {med['hf']:.0f} tok/s = "
