@@ -4,6 +4,7 @@ calibration of the memory and time estimates against what the bench measures her
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -94,23 +95,30 @@ print(json.dumps(r["runs"]))
 
 @pytest.fixture(scope="module")
 def calibration_runs():
-    """Training measurements of preset S (13.8M parameters) at seq 128, batch 1-8, in a fresh process."""
-    done = subprocess.run([sys.executable, "-c", CALIBRATE, "8", "3"], capture_output=True, text=True,
-                          timeout=600, check=True)
+    """Training measurements of preset S (13.8M parameters) at seq 128, batch 1-8, in a fresh
+    process (about 30 s on two idle cores; minutes when the CPU is shared)."""
+    done = subprocess.run([sys.executable, "-c", CALIBRATE, "8", "2"], capture_output=True, text=True,
+                          timeout=1700, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return {r["batch"]: r for r in json.loads(done.stdout.strip().splitlines()[-1])}
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_memory_estimate_within_20_percent_of_measured_peak(calibration_runs):
     for batch, r in calibration_runs.items():
         ratio = r["estimated_memory_bytes"] / r["peak_memory_bytes"]
         assert 0.8 <= ratio <= 1.2, (batch, r["estimated_memory_bytes"], r["peak_memory_bytes"])
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_time_estimate_within_20_percent_of_measured_step(calibration_runs):
     """Calibrate on batch 2 (its achieved FLOP/s = MFU x peak), predict batch 8's step time
-    as FLOPs / achieved FLOP/s, and compare with the measured one (fastest of the timed
-    steps on each side, which is robust against other processes sharing the CPU)."""
+    as FLOPs / achieved FLOP/s, and compare with the measured one. The calibration process
+    computes on one thread and the step time is its CPU time: on a CPU shared with other
+    processes, wall-clock time measures the other processes as much as this one."""
     calib, target = calibration_runs[2], calibration_runs[8]
-    achieved = calib["tokens"] * calib["achieved_flops"] / calib["tokens_per_s"] / calib["step_min_s"]
-    predicted = target["tokens"] * (target["achieved_flops"] / target["tokens_per_s"]) / achieved
-    assert predicted == pytest.approx(target["step_min_s"], rel=0.2)
+    flops_per_token = calib["achieved_flops"] / calib["tokens_per_s"]  # 6N + 12 L A S
+    achieved = calib["tokens"] * flops_per_token / calib["step_host_cpu_s"]  # = MFU x peak at batch 2
+    predicted = target["tokens"] * flops_per_token / achieved
+    assert predicted == pytest.approx(target["step_host_cpu_s"], rel=0.2)

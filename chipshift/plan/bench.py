@@ -45,7 +45,7 @@ class BenchSettings:
     model: str = "S"  # a preset or a checkpoint directory
     seq_len: int = 256
     max_batch: int = 8  # the cap of the batch-size search
-    steps: int = 3  # timed training steps per batch size (after one warm-up step)
+    steps: int = 2  # timed training steps per batch size (after one warm-up step)
     prefill_batches: tuple[int, ...] = (1, 4)
     decode_batches: tuple[int, ...] = (1, 4)
     decode_tokens: int = 16  # generated tokens per decode measurement
@@ -150,9 +150,9 @@ def _trainer(dev: Device, s: BenchSettings, cfg: ModelConfig, checkpoint: str | 
 
 
 def _run_batch(dev: Device, s: BenchSettings, cfg: ModelConfig, checkpoint: str | None, batch: int,
-               steps: int) -> tuple[list[float], int, tuple[str, str, str]]:
+               steps: int) -> tuple[list[float], int, tuple[str, str, str, float]]:
     """(step times after one warm-up step, peak memory over the resident memory just before
-    the model was built, (dtype, precision, attention)); raises _NoFit."""
+    the model was built, (dtype, precision, attention, host CPU seconds per step)); raises _NoFit."""
     trainer = None
     gc.collect()
     dev.empty_cache()
@@ -161,8 +161,10 @@ def _run_batch(dev: Device, s: BenchSettings, cfg: ModelConfig, checkpoint: str 
     try:
         trainer = _trainer(dev, s, cfg, checkpoint, batch)
         trainer.train_step()  # warm-up: allocates the optimizer state
+        cpu0 = time.process_time()
         times = _timed(trainer.train_step, dev.synchronize, steps)
-        info = (dtype_name(trainer.dtype), trainer.precision, trainer.model.attn_impl)
+        cpu = (time.process_time() - cpu0) / steps
+        info = (dtype_name(trainer.dtype), trainer.precision, trainer.model.attn_impl, cpu)
     except ChipshiftError as exc:  # the loop's own memory check
         raise _NoFit(f"batch {batch} refused: {exc}") from None
     except RuntimeError as exc:
@@ -226,7 +228,7 @@ def measure_training(dev: Device, s: BenchSettings, cfg: ModelConfig, checkpoint
         achieved = tokens_per_s * per_token
         runs.append({
             "batch": batch, "tokens": batch * s.seq_len, "step_s": step, "step_min_s": min(times),
-            "step_times_s": times, "tokens_per_s": tokens_per_s, "achieved_flops": achieved,
+            "step_times_s": times, "step_host_cpu_s": info[3], "tokens_per_s": tokens_per_s, "achieved_flops": achieved,
             "peak_flops": peak_value, "peak_source": peak_source, "mfu": achieved / peak_value,
             "ceiling_fraction": achieved / peak_flops[info[0]],
             "peak_memory_bytes": peak,

@@ -214,11 +214,13 @@ def chip_from_bench(path: str | Path, mfu: float | None = None) -> ChipSpec:
         raise ChipshiftError(f"{path} has no training measurement")
     dev = bench["device"]
     measured = f"measured: {path.name}, {bench['settings']['model']} at batch {best['batch']}"
-    peak = Figure(best["peak_flops"], "FLOP/s", best["peak_source"].replace("catalogue:", "datasheet:")
-                  if best["peak_source"].startswith("catalogue") else f"measured: {path.name}, "
-                  f"{bench['train']['dtype']} matmul ceiling")
     catalogue = bench.get("catalogue")
     chip = get_chip(catalogue["key"]) if catalogue else None
+    dtype = bench["train"]["dtype"]
+    if chip is not None and best["peak_source"].startswith("catalogue"):
+        peak = Figure(best["peak_flops"], "FLOP/s", f"{_datasheet(chip)} ({dtype} dense)")
+    else:
+        peak = Figure(best["peak_flops"], "FLOP/s", f"measured: {path.name}, {dtype} matmul ceiling")
     return ChipSpec(
         key=f"{dev['type']}:{path.stem}", name=f"{dev['name']} ({path.name})",
         peak_flops=peak,
@@ -231,6 +233,7 @@ def chip_from_bench(path: str | Path, mfu: float | None = None) -> ChipSpec:
 
 
 def resolve_chip(name: str, mfu: float | None = None) -> ChipSpec:
+    _check_range("--mfu", mfu, 1e-4, 1.0)
     if name.endswith(".json") or Path(name).is_file():
         return chip_from_bench(name, mfu)
     return chip_from_catalogue(name, mfu)
@@ -283,7 +286,6 @@ def make_plan(model: ModelSpec, tokens: float, chip: ChipSpec, *, count: int | N
     _check_range("--usable-memory", usable, 0.05, 1.0)
     _check_range("--price-per-hour", price_per_hour, 0, 1e6)
     _check_range("--power-w", power_w, 1, 1e5)
-    _check_range("--mfu", chip.mfu.value, 1e-4, 1.0)
     cfg, seq = model.cfg, int(model.seq_len.value)
     n, n_mm = float(model.n_params.value), float(model.n_matmul.value)
     prec = memory.PRECISIONS[chip.precision]

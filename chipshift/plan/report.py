@@ -40,7 +40,9 @@ def fmt(fig: Figure) -> str:
     if v is None:
         return "-"
     if unit == "FLOP/s":
-        return f"{v / 1e12:,.1f} TFLOP/s"
+        return f"{v / 1e12:,.1f} TFLOP/s" if v >= 1e12 else f"{v / 1e9:,.1f} GFLOP/s"
+    if unit == "chips" and v == 1:
+        return "1 chip"
     if unit == "bytes":
         return gb(v)
     if unit == "$":
@@ -234,7 +236,7 @@ def _bench_rows(results: list[dict]) -> list[tuple[str, list[float | None], str]
     dtypes = sorted({d for r in results for d in r["matmul"]}, key=lambda d: (d != "float32", d))
     rows: list[tuple[str, list[float | None], str]] = []
     for d in dtypes:
-        rows.append((f"matmul {d} TFLOP/s", [r["matmul"][d]["flops"] / 1e12 if d in r["matmul"] else None
+        rows.append((f"matmul {d} GFLOP/s", [r["matmul"][d]["flops"] / 1e9 if d in r["matmul"] else None
                                              for r in results], ".3g"))
     rows.append(("copy bandwidth GB/s", [r["copy"]["bytes_per_s"] / 1e9 for r in results], ".3g"))
     best = [r["train"]["best"] for r in results]
