@@ -279,5 +279,5 @@ def run(args) -> int:
     summary = ", ".join(f"{k} {evaluation['before'][k]:.3f} -> {v:.3f}"
                         for k, v in evaluation.get("after", {}).items() if isinstance(v, float))
     val = f", val loss {result.last_val_loss:.4f}" if result.last_val_loss is not None else ""
-    print(f"done: step {result.step}{val}; {summary}; checkpoint {result.checkpoint}")
+    print(f"done: step {result.step}{val}; " + (f"{summary}; " if summary else "") + f"checkpoint {result.checkpoint}")
     return 0
