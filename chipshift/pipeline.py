@@ -31,6 +31,7 @@ import copy
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -700,7 +701,7 @@ def run_serve(ctx: Context, st: Stage) -> dict:
     return {"outputs": [], "samples": answers,
             "metrics": {"requests": len(answers), "completion_tokens": tokens,
                         "tokens_per_s": tokens / seconds if seconds else None, "port": port},
-            "command": f"chipshift serve {ckpt}"}
+            "command": f"chipshift chat {ckpt}    (or: chipshift serve {ckpt})"}
 
 
 def run_export(ctx: Context, st: Stage) -> dict:
@@ -833,6 +834,8 @@ def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = True) ->
             ran = ran or feeds_forward
             rec = state.record(st.name)
             resumed = rec.get("status") in ("interrupted", "running") and rec.get("fingerprint") == fingerprint
+            if rec.get("fingerprint") not in (None, fingerprint) and ctx.stage_dir(st).exists():
+                shutil.rmtree(ctx.stage_dir(st))  # its settings changed: start over, never resume across them
             rec.update(kind=st.kind, status="running", fingerprint=fingerprint,
                        seconds_before=rec.get("seconds", 0.0) if resumed else 0.0)
             on_device = st.kind in TRAINING | USES_MODEL

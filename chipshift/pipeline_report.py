@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 FILES = "report_files"
-KEY_METRICS = ("final_loss", "final_val_loss", "identity_accuracy", "preference_accuracy", "reward_accuracy",
+KEY_METRICS = ("final_loss", "final_val_loss", "identity_accuracy", "preference_accuracy", "reward_acc",
                "val_bpb", "same_greedy_tokens", "completion_tokens", "train_tokens", "vocab_size", "params_M")
 
 
@@ -60,7 +60,7 @@ def loss_figure(stage: str, rec: dict, path: Path) -> Path | None:
     ax.plot(*zip(*train), lw=1, label="train loss")
     if val:
         ax.plot(*zip(*val), "o-", ms=3, lw=1.5, label="validation loss")
-    acc = [(r["step"], r["reward_accuracy"]) for r in recs if "reward_accuracy" in r]
+    acc = [(r["step"], r["reward_acc"]) for r in recs if "reward_acc" in r]
     if acc:
         ax2 = ax.twinx()
         ax2.plot(*zip(*acc), color="tab:green", lw=0.8, alpha=0.7, label="reward accuracy")
@@ -220,7 +220,7 @@ h1{font-size:22px;margin-bottom:4px} h2{font-size:17px;margin-top:28px;border-bo
 table{border-collapse:collapse;margin:8px 0;font-size:12.5px} th,td{border:1px solid #ddd;padding:3px 7px;text-align:left;vertical-align:top}
 th{background:#f5f5f5} td.pass{background:#e6f4ea;font-weight:600} td.warn{background:#fff4d6;font-weight:600}
 td.fail{background:#fde2e1;font-weight:600} .figs img{width:49%;margin:0.3%;border:1px solid #eee}
-img{max-width:100%} pre{background:#f7f7f7;padding:8px;font-size:11.5px;overflow:auto;max-height:420px}
+img{max-width:100%} .handoff img{max-width:860px} pre{background:#f7f7f7;padding:8px;font-size:11.5px;overflow:auto;max-height:420px}
 table.samples td{max-width:330px} .note{font-size:11.5px;color:#666}
 """
 
@@ -263,12 +263,14 @@ def write_report(run_dir: str | Path, state: dict) -> Path:
                  "batch, forward and backward, and every module's output and gradient are compared. The figure "
                  "shows the worst error per layer along the depth of the model.</p>")
         h.append(_html_table(HANDOFF_HEADER, [r for r, _ in handoffs]))
+        shown = set()
         for row, r in handoffs:
             fig = Path(r["figure"])
-            if fig.exists():
+            if fig.exists() and fig not in shown:  # a checkpoint's move is checked (and drawn) once
+                shown.add(fig)
                 md += [f"![{row[0]}]({fig.resolve()})", ""]
                 h.append(f"<p><b>{html.escape(row[0])}</b> ({html.escape(r['from'])} → {html.escape(r['to'])}), "
-                         f"full report: <code>{html.escape(r['report'])}</code></p>{_img(fig)}")
+                         f"full report: <code>{html.escape(r['report'])}</code></p><div class='handoff'>{_img(fig)}</div>")
     else:
         md += ["No stage changed device or dtype.", ""]
         h.append("<p>No stage changed device or dtype.</p>")
