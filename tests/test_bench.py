@@ -113,12 +113,14 @@ def test_memory_estimate_within_20_percent_of_measured_peak(calibration_runs):
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_time_estimate_within_20_percent_of_measured_step(calibration_runs):
-    """Calibrate on batch 2 (its achieved FLOP/s = MFU x peak), predict batch 8's step time
-    as FLOPs / achieved FLOP/s, and compare with the measured one. The calibration process
-    computes on one thread and the step time is its CPU time: on a CPU shared with other
-    processes, wall-clock time measures the other processes as much as this one."""
-    calib, target = calibration_runs[2], calibration_runs[8]
+    """Calibrate on batch 4 (its achieved FLOP/s = MFU x peak), predict batch 8's step time
+    as FLOPs / achieved FLOP/s, and compare with the measured one. The FLOP model leaves out
+    the per-step optimizer update (about 0.15 s here), so it holds from batch 4 on for this
+    13.8M-parameter model; at batch 1-2 that fixed cost is 30-50% of a step. The calibration
+    process computes on one thread and the step time is its CPU time: on a CPU shared with
+    other processes, wall-clock time measures the other processes as much as this one."""
+    calib, target = calibration_runs[4], calibration_runs[8]
     flops_per_token = calib["achieved_flops"] / calib["tokens_per_s"]  # 6N + 12 L A S
-    achieved = calib["tokens"] * flops_per_token / calib["step_host_cpu_s"]  # = MFU x peak at batch 2
+    achieved = calib["tokens"] * flops_per_token / calib["step_host_cpu_s"]  # = MFU x peak at batch 4
     predicted = target["tokens"] * flops_per_token / achieved
     assert predicted == pytest.approx(target["step_host_cpu_s"], rel=0.2)
