@@ -287,3 +287,12 @@ def test_float16_uses_autocast_with_loss_scaling(tmp_path):
     assert trainer.precision == "autocast" and trainer.scaler is not None
     assert next(trainer.model.parameters()).dtype == torch.float32
     assert all(math.isfinite(s.loss) for s in stats) and "scale" in trainer.meta()["scaler"]
+
+
+def test_upcast_and_activation_checkpointing_are_exclusive(tmp_path):
+    cfg = tiny_cfg(tmp_path, run={"dtype": "bfloat16", "half_matmul_upcast": "on", "activation_checkpointing": True})
+    with pytest.raises(ConfigError, match="activation_checkpointing"):
+        Trainer(cfg, LanguageModeling(), streams()[0], model_cfg=cfg.model_config(), log=lambda *a: None)
+    cfg = tiny_cfg(tmp_path, run={"dtype": "bfloat16", "activation_checkpointing": True})
+    trainer = Trainer(cfg, LanguageModeling(), streams()[0], model_cfg=cfg.model_config(), log=lambda *a: None)
+    assert not trainer.upcast and math.isfinite(trainer.train_step().loss)

@@ -112,11 +112,16 @@ class Trainer:
         self.precision = precision if self.dtype in HALF else "float32"
         upcast = cfg.run.half_matmul_upcast
         if upcast == "auto":
-            upcast = "on" if (self.precision == "master"
+            # not under activation checkpointing: its recomputation in backward runs outside
+            # the function mode that routes the matmuls, so the two passes would differ
+            upcast = "on" if (self.precision == "master" and not cfg.run.activation_checkpointing
                               and dev.peak_flops(self.dtype)[0] < dev.peak_flops(torch.float32)[0]) else "off"
         if upcast == "on" and self.precision != "master":
             raise ConfigError(f"run.half_matmul_upcast = 'on' needs run.precision = 'master' "
                               f"(the run computes in {self.precision})")
+        if upcast == "on" and cfg.run.activation_checkpointing:
+            raise ConfigError("run.half_matmul_upcast = 'on' cannot be combined with "
+                              "run.activation_checkpointing = true; set one of them off")
         self.upcast = upcast == "on"
         self.log(f"compute dtype: {reason}; precision: {self.precision}"
                  + ("; half matmuls as float32 GEMMs on half operands (the native half GEMM is "
