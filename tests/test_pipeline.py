@@ -268,3 +268,21 @@ def test_demo_recipe_end_to_end(tmp_path):
     assert final["identity_accuracy"] > base["identity_accuracy"]
     assert final["preference_accuracy"] > base["preference_accuracy"]
     assert len(st["serve"]["result"]["samples"]) >= 3
+
+
+@pytest.mark.slow
+def test_torchrun_stages(tmp_path):
+    """fleet_torchrun_cpu, shrunk: pre-training and SFT each as 2 processes through torchrun."""
+    sets = ["recipe.out='%s'" % (tmp_path / "tr"), "stages.tokenizer.max_chars=200000",
+            "stages.tokenizer.vocab_size=512", 'stages.data.sources=["sanguo"]', "stages.pretrain.train.steps=6",
+            "stages.pretrain.optim.warmup_steps=1", "stages.pretrain.train.ckpt_every=3",
+            "stages.pretrain.train.eval_every=3", "stages.sft.train.steps=4", "stages.sft.optim.warmup_steps=1",
+            "stages.sft.train.ckpt_every=2", "stages.sft.sft.limit_per_source=20", "stages.eval.pairs=4"]
+    proc = subprocess.run(run_cmd(RECIPES_DIR / "fleet_torchrun_cpu.toml", *[a for s in sets for a in ("--set", s)]),
+                          env={**os.environ}, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("--nproc-per-node=2") == 2
+    st = stages(tmp_path / "tr")
+    assert st["pretrain"]["nproc"] == 2 and st["sft"]["status"] == "done"
+    m = st["pretrain"]["result"]["metrics"]
+    assert m["final_val_loss"] < m["first_val_loss"]
