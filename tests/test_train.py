@@ -296,3 +296,24 @@ def test_upcast_and_activation_checkpointing_are_exclusive(tmp_path):
     cfg = tiny_cfg(tmp_path, run={"dtype": "bfloat16", "activation_checkpointing": True})
     trainer = Trainer(cfg, LanguageModeling(), streams()[0], model_cfg=cfg.model_config(), log=lambda *a: None)
     assert not trainer.upcast and math.isfinite(trainer.train_step().loss)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_upcast_attention_matches_native_bf16_sdpa(kv_heads):
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 16, 8, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(2, kv_heads, 16, 8, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(2, kv_heads, 16, 8, dtype=torch.bfloat16, requires_grad=True)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    outs, grads = [], []
+    for mode in (None, HalfMatmulUpcast()):
+        with mode or torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            out = sdpa(q, k, v, is_causal=True, enable_gqa=kv_heads != 4)
+        out.float().square().sum().backward()
+        outs.append(out)
+        grads.append([t.grad.clone() for t in (q, k, v)])
+        q.grad = k.grad = v.grad = None
+    assert outs[1].dtype == torch.bfloat16
+    torch.testing.assert_close(outs[1].float(), outs[0].float(), rtol=2e-2, atol=2e-2)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b.float(), a.float(), rtol=5e-2, atol=5e-2)

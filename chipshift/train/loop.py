@@ -144,7 +144,7 @@ class Trainer:
         model = model.to(dev.torch_device, self.dtype if self.precision == "master" else torch.float32)
         model.train()
         model.activation_checkpointing = cfg.run.activation_checkpointing
-        model.attn_impl = cfg.run.attn_impl if cfg.run.attn_impl != "auto" else ("math" if dev.is_cpu else "sdpa")
+        model.attn_impl = "sdpa" if cfg.run.attn_impl == "auto" else cfg.run.attn_impl
         if cfg.run.compile:
             model.forward_hidden = torch.compile(model.forward_hidden)
         self.model, self.model_cfg = model, model_cfg

@@ -10,7 +10,9 @@ Three pieces, chosen from the compute dtype the device layer names:
     a float32 GEMM on the half-precision operands and rounds its output to the half
     dtype. Products of half values are exact in float32 and the accumulation is float32,
     which is what a native bf16 GEMM computes too, so the numbers are those of bf16
-    compute (tested against torch's own bf16 kernel); only the speed differs.
+    compute (tested against torch's own bf16 kernel); only the speed differs. Attention
+    (`scaled_dot_product_attention`) runs the same way, saving only its half-precision
+    inputs and recomputing in backward.
 """
 
 from __future__ import annotations
@@ -59,6 +61,30 @@ class _UpcastMatmul(torch.autograd.Function):
         return _unbroadcast(ga, a.shape), _unbroadcast(gb, b.shape)
 
 
+class _UpcastAttention(torch.autograd.Function):
+    """scaled_dot_product_attention on half q/k/v computed in float32, output rounded to
+    half; saves only the half inputs and recomputes the float32 attention in backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, attn_mask, is_causal, enable_gqa):
+        ctx.save_for_backward(q, k, v, attn_mask)
+        ctx.flags = (is_causal, enable_gqa)
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
+                                             is_causal=is_causal, enable_gqa=enable_gqa)
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, attn_mask = ctx.saved_tensors
+        is_causal, enable_gqa = ctx.flags
+        with torch.enable_grad():
+            q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=attn_mask,
+                                                 is_causal=is_causal, enable_gqa=enable_gqa)
+            gq, gk, gv = torch.autograd.grad(out, (q32, k32, v32), g.float())
+        return gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype), None, None, None
+
+
 def _unbroadcast(grad, shape):
     if grad is None or grad.shape == shape:
         return grad
@@ -76,6 +102,10 @@ class HalfMatmulUpcast(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and args[0].dtype in HALF and len(args) == 3 \
+                and set(kwargs) <= {"attn_mask", "is_causal", "enable_gqa"}:
+            return _UpcastAttention.apply(*args, kwargs.get("attn_mask"), kwargs.get("is_causal", False),
+                                          kwargs.get("enable_gqa", False))
         if func in self.LINEAR and args[0].dtype in HALF and not kwargs:
             return _UpcastLinear.apply(args[0], args[1], args[2] if len(args) > 2 else None)
         if func in self.MATMUL and len(args) == 2 and not kwargs and isinstance(args[1], torch.Tensor) \
