@@ -12,8 +12,9 @@ What each side runs:
   chipshift  `chipshift.train.loop.Trainer.train_step` on random tokens: bf16 = bf16
              parameters with fp32 master weights (half matmuls as fp32 GEMMs on bf16
              operands where the device's native bf16 GEMM is slower, see
-             `chipshift.train.precision`), fp32 = plain fp32; chunked cross-entropy, fused
-             AdamW where the device has it.
+             `chipshift.train.precision`), fp32 = plain fp32; SDPA attention, chunked
+             cross-entropy, fused AdamW where the device has it. `--ours-set` passes config
+             overrides (e.g. run.attn_impl="math") to this side only.
   HF         LlamaForCausalLM (sdpa attention, tied embeddings like the presets), loss from
              `labels`, torch.optim.AdamW (default implementation); bf16 = torch.autocast to
              bf16 over fp32 parameters, as the HF Trainer does with bf16=True.
