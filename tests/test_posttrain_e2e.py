@@ -37,11 +37,8 @@ ckpt_every = 200
 eval_batches = 2
 """
 
-SFT = ["--set", "sft.limit_per_source=100", "--set", "sft.identity_repeats=8", "--set", "data.seq_len=128",
-       "--set", "train.steps=150", "--set", "optim.lr=2e-3", "--set", "train.eval_every=0",
-       "--set", "train.ckpt_every=150"]
-DPO = ["--set", "dpo.limit_per_source=100", "--set", "data.seq_len=128", "--set", "train.steps=40",
-       "--set", "optim.lr=5e-4", "--set", "train.eval_every=0", "--set", "train.ckpt_every=40"]
+SFT = ["--set", "train.ckpt_every=450"]  # recipes/sft_small.toml as it is: 450 steps
+DPO = ["--set", "train.ckpt_every=120"]  # recipes/dpo_small.toml as it is: 120 steps
 
 
 def chipshift(*args):
@@ -59,7 +56,7 @@ def test_sft_then_dpo_on_a_model_pretrained_here(tmp_path):
     sft = json.loads((tmp_path / "sft" / "eval.json").read_text())
     assert sft["before"]["identity_accuracy"] <= 0.125
     assert sft["after"]["identity_accuracy"] >= 0.9
-    chipshift("dpo", "recipes/dpo_small.toml", "--set", f"dpo.init='{tmp_path / 'sft/checkpoints/step_00000150'}'",
+    chipshift("dpo", "recipes/dpo_small.toml", "--set", f"dpo.init='{tmp_path / 'sft/checkpoints/step_00000450'}'",
               *DPO, "--out", tmp_path / "dpo", "--no-progress")
     dpo = json.loads((tmp_path / "dpo" / "eval.json").read_text())
     assert dpo["after"]["preference_accuracy"] - dpo["before"]["preference_accuracy"] >= 0.20

@@ -23,7 +23,8 @@ def post(kind, cfg, *extra, launcher=(sys.executable, "-m", "chipshift")):
 def test_kill_resume_and_two_processes(tmp_path, init_ckpt, kind, lora):  # noqa: F811
     def config(name, **extra):
         return write_config(tmp_path / f"{name}.toml", kind, init_ckpt, tmp_path / name, lora__enabled=lora,
-                            lora__rank=4, train__steps=12, train__ckpt_every=2, **extra)
+                            lora__rank=4, train__steps=12, train__ckpt_every=2, train__eval_batches=2,
+                            data__micro_batch=2, **extra)  # 2 micro-batches per step, as 2 processes have
     post(kind, config("one"))
     cfg = config("killed")
     kill_after_checkpoint([sys.executable, "-m", "chipshift", kind, str(cfg), "--no-progress"], tmp_path / "killed", 4)
@@ -33,8 +34,8 @@ def test_kill_resume_and_two_processes(tmp_path, init_ckpt, kind, lora):  # noqa
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert losses(tmp_path / "one") == losses(tmp_path / "killed")
 
-    post(kind, config("two", data__micro_batch=2, train__eval_batches=2), launcher=torchrun(2))
+    post(kind, config("two"), launcher=torchrun(2))
     ref, got = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert ref.keys() == got.keys() and len(ref) == 12
     worst = max(abs(got[s] - ref[s]) / max(abs(ref[s]), 1e-3) for s in ref)
-    assert worst <= 1e-4, f"2 processes vs 1: relative loss difference {worst:.2e}"
+    assert worst <= 1e-5, f"2 processes vs 1: relative loss difference {worst:.2e}"
