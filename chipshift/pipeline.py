@@ -546,7 +546,7 @@ def summarise_metrics(metrics_path: Path) -> dict:
             if k not in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "skipped_total"):
                 out[k] = train[-1][k]
     if val:
-        out.update(first_val_loss=val[0]["val_loss"], final_val_loss=val[-1]["val_loss"])
+        out.update(first_val_loss=val[0]["val_loss"], final_val_loss=val[-1]["val_loss"], val_points=len(val))
         out.update({k: v for k, v in val[-1].items() if k.startswith("val_") and k != "val_loss"})
     return out
 

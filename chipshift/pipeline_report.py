@@ -106,7 +106,7 @@ def _highlights(stages: dict) -> list[str]:
         m = (rec.get("result") or {}).get("metrics", {})
         if rec.get("kind") in ("pretrain", "sft", "dpo") and "first_loss" in m:
             val = (f", validation {m['first_val_loss']:.3f} → {m['final_val_loss']:.3f}"
-                   if "first_val_loss" in m else "")
+                   if m.get("val_points", 0) > 1 else "")
             losses.append(f"{name} {m['first_loss']:.3f} → {m['final_loss']:.3f}{val}")
     if losses:
         out.append("Training loss (first → last logged step): " + "; ".join(losses))
