@@ -250,3 +250,17 @@ def test_serve_refuses_a_missing_checkpoint_in_one_line(tmp_path):
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "not found" in proc.stderr
+
+
+def test_serve_refuses_a_checkpoint_whose_last_handoff_failed(tmp_path, tiny_tokenizer_dir):
+    from chipshift.model.checkpoint import update_sidecar
+
+    ckpt = make_checkpoint(tiny_tokenizer_dir, tmp_path / "handed-off")
+    update_sidecar(ckpt, handoffs=[{"from": "cpu:float32", "to": "cpu:bfloat16", "time": "2026-01-01T00:00:00Z",
+                                    "verdict": "fail", "first_failing": {"forward": "layers.1.mlp"},
+                                    "report": "r/report.md"}])
+    proc = subprocess.run([sys.executable, "-m", "chipshift", "serve", str(ckpt), "--device", "cpu"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    assert "handoff" in proc.stderr and "layers.1.mlp" in proc.stderr and "--force" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -18,6 +18,8 @@ def _engine_args(p) -> None:
     p.add_argument("--max-len", type=int, default=None,
                    help="tokens per slot (prompt + output); default: the model's context, at most 4096")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (fixed shapes)")
+    p.add_argument("--force", action="store_true",
+                   help="serve even though the checkpoint's last verified handoff failed")
 
 
 def register(sub) -> None:
@@ -48,7 +50,9 @@ def register(sub) -> None:
 
 def _load(args):
     from chipshift.infer.engine import Engine
+    from chipshift.parity.handoff import check_handoff_allowed
 
+    check_handoff_allowed(args.checkpoint, force=args.force)
     if args.max_batch <= 0:
         raise ChipshiftError(f"--max-batch {args.max_batch}: must be a positive integer")
     engine = Engine.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype,
