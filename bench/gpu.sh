@@ -5,6 +5,10 @@
 #   bench/gpu.sh               on the GPU (device cuda:0); prints a short table, then one JSON line
 #   bench/gpu.sh --dry-run     the same plumbing on the CPU with a tiny model, fp32, no compile
 #
+# Part 2 (parity): the real SmolLM2-135M-Instruct dumped on the GPU in bfloat16 and judged
+# against a CPU float64 reference by the error-ratio rule, with CPU bfloat16 as the baseline
+# ("is the new chip worse than the old one?"). The report lands in $OUT_DIR/parity-report.
+#
 # MFU counts model FLOPs (6 per matmul weight per token + attention, see
 # chipshift.train.loop.flops_per_token) against both the catalogue peak of the chip and the
 # bf16 GEMM ceiling measured here.
@@ -20,7 +24,7 @@ case "${1:-}" in
   *) echo "usage: bench/gpu.sh [--dry-run]" >&2; exit 2 ;;
 esac
 
-MODE=$MODE PYTHONPATH=. exec "$PY" - <<'PYEOF'
+MODE=$MODE PYTHONPATH=. "$PY" - <<'PYEOF'
 import json, os, statistics, time
 
 import numpy as np
@@ -82,3 +86,23 @@ for k, v in row.items():
     print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
 print(json.dumps({"bench": "gpu", "dry_run": dry, **row}))
 PYEOF
+
+# ---- part 2: parity of the GPU in bfloat16 against a CPU float64 reference -------------
+OUT_DIR=${OUT_DIR:-${OUT:-/tmp}/chipshift-gpu}
+mkdir -p "$OUT_DIR"
+if [ "$MODE" = dry ]; then
+  CKPT="$OUT_DIR/tiny"
+  "$PY" -c "import sys; from chipshift.model import build_model, preset; from chipshift.model.checkpoint import save_checkpoint; save_checkpoint(build_model(preset('tiny')), sys.argv[1])" "$CKPT"
+  TARGET=cpu
+else
+  CKPT="$OUT_DIR/smollm2"
+  [ -f "$CKPT/chipshift.json" ] || "$PY" -m chipshift import "$("$PY" -c 'from chipshift.data.packages import smollm2_gguf; print(smollm2_gguf())')" "$CKPT"
+  TARGET=cuda
+fi
+P="$OUT_DIR/parity"
+"$PY" -m chipshift parity dump "$CKPT" --device cpu --dtype float64 --out "$P/R" --max-tensor-mb 2048
+"$PY" -m chipshift parity dump "$CKPT" --device cpu --dtype bfloat16 --out "$P/A" --max-tensor-mb 2048 --batch "$P/R/batch.json"
+"$PY" -m chipshift parity dump "$CKPT" --device "$TARGET" --dtype bfloat16 --out "$P/B" --max-tensor-mb 2048 --batch "$P/R/batch.json"
+set +e
+"$PY" -m chipshift parity compare "$P/A" "$P/B" --reference "$P/R" --out "$OUT_DIR/parity-report"
+echo "parity verdict exit code: $? (0 pass/warn, 1 fail); report: $OUT_DIR/parity-report/report.md"
