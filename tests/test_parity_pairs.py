@@ -8,7 +8,6 @@ thresholds, and the error-ratio rule passes a bfloat16 run against another bfloa
 from __future__ import annotations
 
 import pytest
-import torch
 
 from chipshift.model.checkpoint import save_checkpoint
 from chipshift.model.config import preset

@@ -145,6 +145,40 @@ def _check_value(key: str, value, hint) -> object:
     return value
 
 
+def parse_section(raw: dict, name: str, cls, lists: tuple = ()):
+    """Validate table `[name]` of a parsed config into the dataclass `cls`; keys named in
+    `lists` take a list of names (or a comma-separated string)."""
+    section = raw.get(name, {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"[{name}] must be a table, got {section!r}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in section.items():
+        if key not in hints:
+            raise ConfigError(f"unknown key {name}.{key} = {value!r}; allowed in [{name}]: "
+                              f"{', '.join(hints)}")
+        if key in lists:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{name}.{key} = {value!r}: must be a list of names")
+            values[key] = value
+        else:
+            values[key] = _check_value(f"{name}.{key}", value, hints[key])
+    return cls(**values)
+
+
+def read_toml(path: str | Path) -> dict:
+    """A config file parsed as TOML, or a ConfigError saying why it cannot be."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+
+
 def from_dict(raw: dict) -> TrainConfig:
     """Validate a nested dict (parsed TOML) into a TrainConfig."""
     unknown = sorted(set(raw) - set(SECTIONS) - {"model"})
@@ -152,17 +186,7 @@ def from_dict(raw: dict) -> TrainConfig:
         raise ConfigError(f"unknown section [{unknown[0]}]; allowed: {', '.join([*SECTIONS, 'model'])}")
     cfg = TrainConfig()
     for name, cls in SECTIONS.items():
-        section = raw.get(name, {})
-        if not isinstance(section, dict):
-            raise ConfigError(f"[{name}] must be a table, got {section!r}")
-        hints = typing.get_type_hints(cls)
-        values = {}
-        for key, value in section.items():
-            if key not in hints:
-                raise ConfigError(f"unknown key {name}.{key} = {value!r}; allowed in [{name}]: "
-                                  f"{', '.join(hints)}")
-            values[key] = _check_value(f"{name}.{key}", value, hints[key])
-        setattr(cfg, name, cls(**values))
+        setattr(cfg, name, parse_section(raw, name, cls))
     model = raw.get("model", {"preset": "tiny"})
     for key, value in model.items():
         if key not in MODEL_KEYS:
@@ -194,15 +218,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    raw = read_toml(path) if path is not None else {}
     return from_dict(apply_overrides(raw, list(overrides)))
 
 

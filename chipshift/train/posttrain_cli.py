@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tomllib
-import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,7 +39,7 @@ import torch
 from chipshift.errors import ConfigError
 from chipshift.model.lora import LoRAConfig
 from chipshift.train.cli import add_common_arguments
-from chipshift.train.config import SECTIONS, TrainConfig, _check_value, apply_overrides, from_dict
+from chipshift.train.config import SECTIONS, TrainConfig, apply_overrides, from_dict, parse_section, read_toml
 
 
 @dataclass
@@ -65,43 +63,16 @@ class PostTrainConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
-def _section(raw: dict, name: str, cls, lists: tuple = ()):
-    section = raw.get(name, {})
-    if not isinstance(section, dict):
-        raise ConfigError(f"[{name}] must be a table, got {section!r}")
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for key, value in section.items():
-        if key not in hints:
-            raise ConfigError(f"unknown key {name}.{key} = {value!r}; allowed in [{name}]: {', '.join(hints)}")
-        if key in lists:
-            if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"{name}.{key} = {value!r}: must be a list of names")
-            values[key] = value
-        else:
-            values[key] = _check_value(f"{name}.{key}", value, hints[key])
-    return cls(**values)
-
-
 def load_posttrain_config(kind: str, path: str | Path, overrides: list[str] = ()) -> PostTrainConfig:
     """Parse and check a `sft` / `dpo` config; `--set` works on every section."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    raw = apply_overrides(raw, list(overrides))
+    raw = apply_overrides(read_toml(path), list(overrides))
     other = "dpo" if kind == "sft" else "sft"
     if other in raw:
         raise ConfigError(f"[{other}] in a `chipshift {kind}` config: use [{kind}]")
     if "model" in raw:
         raise ConfigError(f"[model] in a `chipshift {kind}` config: the model is {kind}.init's")
-    post = _section(raw, kind, PostTrainSection)
-    lora = _section(raw, "lora", LoRAConfig, lists=("targets",))
+    post = parse_section(raw, kind, PostTrainSection)
+    lora = parse_section(raw, "lora", LoRAConfig, lists=("targets",))
     if lora.enabled:
         lora.check()
     if not post.init:
@@ -181,7 +152,7 @@ def run_posttrain(cfg: PostTrainConfig, *, resume: bool = False, force: bool = F
     """Set up and run one SFT or DPO run; returns (TrainResult, evaluation dict)."""
     from chipshift.data.tokenizer import Tokenizer
     from chipshift.devices import get_device
-    from chipshift.model.checkpoint import load_checkpoint, read_sidecar
+    from chipshift.model.checkpoint import load_checkpoint
     from chipshift.model.lora import apply_lora
     from chipshift.parity.handoff import check_handoff_allowed
     from chipshift.train import distributed
