@@ -210,7 +210,7 @@ def _status_line(state: dict) -> str:
 MFU_NOTE = ("time is wall-clock; CPU time is this process's (all threads), steadier on a shared machine. "
             "tokens/s and MFU are means over the logged steps after the first; MFU is against the peak of the "
             "stage's dtype (chip catalogue, or a measured matmul probe on a CPU). A CPU that emulates bfloat16 "
-            "runs the loop's bfloat16 matmuls as float32 GEMMs, so there the bfloat16 MFU can exceed 100%. "
+            "runs the loop's bfloat16 matmuls as float32 GEMMs, so there MFU is against the float32 peak. "
             "Peak memory is the process's peak resident set on a CPU, the allocator's peak on an accelerator.")
 
 CSS = """

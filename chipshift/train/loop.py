@@ -166,7 +166,10 @@ class Trainer:
         self.bad_total = 0
         self.saved_step = -1
         # measured now, before any restore: the CPU probe draws from the global RNG
-        self.peak_flops, self.peak_source = dev.peak_flops(self.dtype)
+        # under the upcast the half-precision matmuls run as float32 GEMMs: that is their ceiling
+        self.peak_flops, self.peak_source = dev.peak_flops(torch.float32 if self.upcast else self.dtype)
+        if self.upcast:
+            self.peak_source += f" ({dtype_name(self.dtype)} matmuls run as float32 GEMMs here)"
         self.flops_per_token = flops_per_token(model_cfg, getattr(train_stream, "seq_len", model_cfg.max_seq_len))
 
     # -- set-up checks -----------------------------------------------------------------
