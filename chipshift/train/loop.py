@@ -32,6 +32,7 @@ from chipshift.errors import ChipshiftError, ConfigError
 from chipshift.model.checkpoint import state_dict_for_save
 from chipshift.model.config import ModelConfig
 from chipshift.model.transformer import Transformer, build_model
+from chipshift.plan.flops import model_flops_per_token
 from chipshift.train import distributed, state
 from chipshift.train.config import TrainConfig, save_resolved
 from chipshift.train.data import Stream, TokenWindows, rank_slice
@@ -62,15 +63,6 @@ class TrainResult:
     skipped_steps: int = 0
     png: Path | None = None
     is_main: bool = True  # False on the other processes of a torchrun group
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward): 6 per matmul weight, plus attention."""
-    # the embedding table is a lookup; the output projection is a matmul, tied or not
-    matmul_params = cfg.num_params(include_embedding=False) + (cfg.vocab_size * cfg.hidden_size
-                                                                if cfg.tie_embeddings else 0)
-    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
-    return 6 * matmul_params + attention
 
 
 def memory_estimate(cfg: ModelConfig, micro_batch: int, seq_len: int, param_bytes: int,
@@ -170,7 +162,7 @@ class Trainer:
         self.peak_flops, self.peak_source = dev.peak_flops(torch.float32 if self.upcast else self.dtype)
         if self.upcast:
             self.peak_source += f" ({dtype_name(self.dtype)} matmuls run as float32 GEMMs here)"
-        self.flops_per_token = flops_per_token(model_cfg, getattr(train_stream, "seq_len", model_cfg.max_seq_len))
+        self.flops_per_token = model_flops_per_token(model_cfg, getattr(train_stream, "seq_len", model_cfg.max_seq_len))
 
     # -- set-up checks -----------------------------------------------------------------
     def _check_memory(self, model_cfg: ModelConfig) -> None:
