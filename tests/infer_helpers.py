@@ -21,13 +21,23 @@ from chipshift.model.transformer import build_model
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_checkpoint(tokenizer_dir: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
-    """A tiny random model that matches the tokenizer; a wide init so its output varies."""
+def make_checkpoint(tokenizer_dir: Path, out: Path, dtype: torch.dtype = torch.float32,
+                    chatty: bool = False) -> Path:
+    """A tiny random model that matches the tokenizer; a wide init so its output varies.
+    `chatty` makes the stop tokens (end of turn, end of text) all but impossible to sample,
+    for tests that need a reply of more than a token or two at temperature 1."""
     tok = Tokenizer.load(tokenizer_dir)  # folds chat_template.jinja into the config
     tok_dir = out.parent / f"{out.name}-tokenizer"
     tok.save(tok_dir)
-    cfg = preset("tiny", vocab_size=tok.vocab_size, init_std=0.15, max_seq_len=512)
-    return save_checkpoint(build_model(cfg, dtype=dtype, seed=0), out, tokenizer_dir=tok_dir)
+    cfg = preset("tiny", vocab_size=tok.vocab_size, init_std=0.15, max_seq_len=512,
+                 tie_embeddings=not chatty)
+    model = build_model(cfg, dtype=dtype, seed=0)
+    if chatty:
+        with torch.no_grad():
+            head = model.lm_head.weight
+            head.mul_(8.0)  # spread the logits so that a zero logit is far below the top ones
+            head[sorted(tok.stop_ids())] = 0.0
+    return save_checkpoint(model, out, tokenizer_dir=tok_dir)
 
 
 def free_port() -> int:

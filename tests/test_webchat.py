@@ -67,7 +67,7 @@ class DevTools:
 
 
 def test_chat_page_streams_a_reply(tmp_path, tiny_tokenizer_dir):
-    ckpt = make_checkpoint(tiny_tokenizer_dir, tmp_path / "tiny-chat")
+    ckpt = make_checkpoint(tiny_tokenizer_dir, tmp_path / "tiny-chat", chatty=True)
     with live_server(ckpt, "--api-key", KEY) as url:
         browser = DevTools(tmp_path / "profile")
         try:
