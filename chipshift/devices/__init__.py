@@ -237,6 +237,23 @@ class Device:
                                    f"{self.peak_flops(torch.float32)[0] / 1e9:.3g} GFLOP/s)")
         return torch.float32, "float32 (neither bfloat16 nor float16 works here)"
 
+    def for_inference(self, model: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.nn.Module, str | None]:
+        """The model to run inference with in `dtype`, and what changed (None: nothing).
+        On a CPU that emulates bfloat16 (slower than float32), a twin of the model sharing
+        its weights multiplies them with a native AVX2 kernel (`kernels.for_inference`) when
+        one builds here; everywhere else the model runs on the device's own kernels."""
+        if not (self.is_cpu and dtype == torch.bfloat16):
+            return model, None
+        if self.peak_flops(torch.bfloat16)[0] >= 0.8 * self.peak_flops(torch.float32)[0]:
+            return model, None  # native bfloat16 (AVX512-BF16, AMX)
+        from chipshift.devices import kernels
+
+        missing = kernels.bf16_linear_status()
+        if missing is not None:
+            return model, f"torch's emulated bfloat16 kernels (no native kernel: {missing})"
+        return kernels.for_inference(model), ("bfloat16 weights through chipshift's AVX2 kernel (this CPU "
+                                              "has no bfloat16 arithmetic; float32 accumulation)")
+
     @property
     def fused_adamw(self) -> bool:
         return self.backend.fused_adamw

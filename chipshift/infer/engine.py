@@ -82,7 +82,7 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer=None, *, max_batch: int = 8,
-                 max_len: int | None = None, compile: bool = False) -> None:
+                 max_len: int | None = None, compile: bool = False, kernels: bool = True) -> None:
         if max_batch <= 0:
             raise ChipshiftError(f"max_batch = {max_batch}: must be a positive integer")
         self.model = model.eval()
@@ -109,6 +109,12 @@ class Engine:
         self.span_arange = torch.arange(self.max_len, device=dev)
 
         self.compiled = compile
+        # the device layer's inference kernels (bfloat16 on CPUs without bfloat16 arithmetic)
+        # run a twin of the model that shares its weights; not under compile, which traces
+        # torch's own ops
+        self.kernel_note = None
+        if kernels and not compile:
+            self.model, self.kernel_note = get_device(self.device.type).for_inference(self.model, self.dtype)
         self._decode_logits = torch.compile(self._decode_forward, dynamic=False) if compile else self._decode_forward
 
         self.waiting: deque[Request] = deque()
@@ -135,7 +141,8 @@ class Engine:
     def describe(self) -> str:
         return (f"{self.cfg.num_params() / 1e6:.1f}M params on {self.device} in {dtype_name(self.dtype)}, "
                 f"{self.max_batch} slots x {self.max_len} tokens "
-                f"(KV cache {self.cache.nbytes / 2**20:.1f} MiB){', decode compiled' if self.compiled else ''}")
+                f"(KV cache {self.cache.nbytes / 2**20:.1f} MiB){', decode compiled' if self.compiled else ''}"
+                + (f"; {self.kernel_note}" if self.kernel_note else ""))
 
     # -- public API --------------------------------------------------------------------
     def check(self, prompt_len: int, params: SamplingParams) -> None:

@@ -1,0 +1,132 @@
+"""Small native kernels for devices whose PyTorch build lacks a fast path we need.
+
+Today one: `bf16_linear`, a bfloat16-weight linear for x86 CPUs with AVX2 and FMA but no
+bfloat16 arithmetic (see bf16_linear.c for why). It is plain C compiled on first use with
+the system's C compiler into a per-user cache, loaded through ctypes after torch (so it
+shares torch's OpenMP runtime), and absent, with the reason kept, when there is no
+compiler or the CPU lacks the instructions: callers then keep PyTorch's own path.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SOURCE = Path(__file__).with_name("bf16_linear.c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("CHIPSHIFT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "chipshift")
+    return Path(root) / "kernels"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+class Unavailable(RuntimeError):
+    pass
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    if not {"avx2", "fma"} <= cpu_flags():
+        raise Unavailable("the CPU lacks AVX2/FMA")
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise Unavailable("no C compiler (cc/gcc) on PATH")
+    source = SOURCE.read_bytes()
+    tag = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
+    lib = cache_dir() / f"bf16_linear-{tag}.so"
+    if not lib.exists():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+            out = Path(tmp) / lib.name
+            run = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True,
+                                 check=False)
+            if run.returncode != 0:
+                raise Unavailable(f"{cc} failed: {run.stderr.strip()[:400]}")
+            os.replace(out, lib)  # atomic: a concurrent process sees the whole file or none
+    handle = ctypes.CDLL(str(lib))
+    fn = handle.bf16_linear
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    fn.restype = None
+    return handle
+
+
+def bf16_linear_status() -> str | None:
+    """None when the kernel is usable here, else why not."""
+    try:
+        _library()
+        return None
+    except (Unavailable, OSError) as exc:
+        return str(exc)
+
+
+def bf16_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for bfloat16 x (..., K), w (N, K) and b (N,) on the CPU: float32 arithmetic,
+    the output rounded to bfloat16 like torch's. Meant for few rows (decode); raises
+    Unavailable where the kernel cannot be built."""
+    fn = _library().bf16_linear
+    N, K = w.shape
+    x2 = x.reshape(-1, K).contiguous()
+    y = torch.empty(x2.shape[0], N, dtype=torch.bfloat16)
+    fn(x2.data_ptr(), w.contiguous().data_ptr(), None if b is None else b.contiguous().data_ptr(),
+       y.data_ptr(), x2.shape[0], N, K, torch.get_num_threads())
+    return y.view(*x.shape[:-1], N)
+
+
+# Rows up to which a bfloat16 linear goes through the kernel; beyond (prefill), the
+# weights are widened once per call and multiplied by torch's float32 GEMM, which at
+# that many rows costs far more than the widening.
+KERNEL_MAX_ROWS = 16
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """A bfloat16 linear computed as a native bfloat16 device would (bfloat16 operands,
+    float32 accumulation, bfloat16 output) at float32 speed: few rows through
+    `bf16_linear`, many as a float32 GEMM on the widened operands."""
+    if x.numel() // x.shape[-1] <= KERNEL_MAX_ROWS:
+        return bf16_linear(x, w, b)
+    return F.linear(x.float(), w.float(), None if b is None else b.float()).to(torch.bfloat16)
+
+
+def _kernel_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, module.weight, module.bias)
+
+
+def for_inference(model: nn.Module) -> nn.Module:
+    """A twin of a bfloat16 model for inference on a CPU without bfloat16 arithmetic: the
+    same parameters and buffers (shared, not copied: weights stay bfloat16 in memory, once),
+    its own module objects whose linears, and output projection, run through `linear`.
+    The caller's model is left as it was."""
+    _library()  # fail here, not mid-forward, when the kernel cannot be built
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    twin = copy.deepcopy(model, memo=shared)
+    for module in twin.modules():
+        if isinstance(module, nn.Linear) and module.weight.dtype == torch.bfloat16 \
+                and (module.bias is None or module.bias.dtype == torch.bfloat16):
+            module.forward = functools.partial(_kernel_forward, module)
+    if hasattr(twin, "output_weight"):
+        twin.logits = lambda hidden: linear(hidden, twin.output_weight)
+    return twin

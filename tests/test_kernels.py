@@ -1,0 +1,68 @@
+"""The device layer's native CPU kernel for bfloat16 weights (chipshift/devices/kernels)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chipshift.devices import get_device, kernels
+from chipshift.model.config import preset
+from chipshift.model.transformer import build_model
+
+missing = kernels.bf16_linear_status()
+pytestmark = pytest.mark.skipif(missing is not None, reason=f"bf16 kernel unavailable: {missing}")
+
+
+def reference(x, w, b=None):
+    """What a native bf16 GEMM computes: exact products, float32 sums, one rounding."""
+    y = x.double() @ w.double().T + (0 if b is None else b.double())
+    return y.float().to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 16])
+@pytest.mark.parametrize("n,k", [(64, 32), (37, 29), (130, 203), (512, 768)])
+def test_matches_bf16_arithmetic(rows, n, k):
+    g = torch.Generator().manual_seed(rows * 1000 + n)
+    x, w, b = (torch.randn(*s, generator=g).to(torch.bfloat16) for s in ((rows, k), (n, k), (n,)))
+    for bias in (None, b):
+        got, want = kernels.bf16_linear(x, w, bias), reference(x, w, bias)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+        # float32 summation in another order: at most one bfloat16 rounding step apart
+        ulp = want.float().abs().clamp_min(1e-3) * 2 ** -7
+        assert ((got.float() - want.float()).abs() <= ulp).all()
+    # and what torch's own (emulated) bf16 linear gives, to the same tolerance
+    assert torch.allclose(kernels.bf16_linear(x, w).float(), F.linear(x, w).float(), rtol=2 ** -7, atol=1e-2)
+
+
+def test_each_row_independent_of_the_others():
+    """Batch invariance: a row's output is bit-identical whatever rows share the call."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(9, 200, generator=g).bfloat16(), torch.randn(70, 200, generator=g).bfloat16()
+    full = kernels.bf16_linear(x, w)
+    for i in range(9):
+        assert torch.equal(kernels.bf16_linear(x[i:i + 1], w), full[i:i + 1])
+    assert torch.equal(kernels.bf16_linear(x[3:8], w), full[3:8])
+
+
+def test_leading_dims_and_special_values():
+    w = torch.eye(16, dtype=torch.bfloat16)
+    x = torch.tensor([1.0, -0.0, 3.0e38, -2.5e-38] + [0.5] * 12).to(torch.bfloat16)
+    y = kernels.bf16_linear(x.view(1, 1, 16), w)
+    assert y.shape == (1, 1, 16) and torch.equal(y.view(-1), x)
+    x[5] = float("nan")  # NaN spreads through every output, as in torch (0 * NaN)
+    assert torch.isnan(kernels.bf16_linear(x.view(1, 16), w)).all()
+    big = torch.full((1, 16), 3.0e38, dtype=torch.bfloat16)  # the sum overflows to inf
+    assert torch.isinf(kernels.bf16_linear(big, torch.ones(2, 16, dtype=torch.bfloat16))).all()
+
+
+def test_engine_twin_shares_weights_and_leaves_the_model_alone():
+    model = build_model(preset("tiny", init_std=0.15, max_seq_len=96), dtype=torch.bfloat16, seed=0)
+    twin, note = get_device("cpu").for_inference(model, torch.bfloat16)
+    if note is None:
+        pytest.skip("this CPU computes bfloat16 natively: no twin")
+    assert twin is not model and "kernel" in note
+    assert all(a is b for a, b in zip(twin.parameters(), model.parameters()))
+    assert all(type(m).forward is m.forward.__func__ for m in model.modules()
+               if isinstance(m, torch.nn.Linear) and hasattr(m.forward, "__func__"))
+    ids = torch.tensor([[5, 9, 2, 7]])
+    with torch.no_grad():  # prefill-sized inputs go through the float32 GEMM path: same numbers
+        assert torch.allclose(twin(ids).float(), model(ids).float(), rtol=0.05, atol=0.05)
