@@ -237,6 +237,22 @@ class Device:
                                    f"{self.peak_flops(torch.float32)[0] / 1e9:.3g} GFLOP/s)")
         return torch.float32, "float32 (neither bfloat16 nor float16 works here)"
 
+    def serving_dtype(self, override: str | None = None) -> tuple[torch.dtype, str]:
+        """The dtype to hold weights in for inference, and why. As `compute_dtype`, except on
+        a CPU that emulates bfloat16 but can build chipshift's AVX2 kernel (`for_inference`):
+        there bfloat16 serves faster than float32, because decoding streams every weight once
+        per token and bfloat16 halves those bytes."""
+        if (override and override != "auto") or not self.is_cpu or not self.dtype_works(torch.bfloat16):
+            return self.compute_dtype(override)
+        dtype, why = self.compute_dtype()
+        if dtype == torch.float32:
+            from chipshift.devices import kernels
+
+            if kernels.bf16_linear_status() is None:
+                return torch.bfloat16, ("bfloat16 (decoding streams the weights: half the bytes of float32, "
+                                        "multiplied by chipshift's AVX2 kernel since this CPU emulates bfloat16)")
+        return dtype, why
+
     def for_inference(self, model: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.nn.Module, str | None]:
         """The model to run inference with in `dtype`, and what changed (None: nothing).
         On a CPU that emulates bfloat16 (slower than float32), a twin of the model sharing

@@ -131,7 +131,8 @@ class Engine:
         from chipshift.model.checkpoint import load_checkpoint
 
         dev: Device = get_device(device)
-        torch_dtype, why = dev.compute_dtype(dtype)
+        # compiled, the decode step runs torch's own kernels: no bfloat16 advantage on such a CPU
+        torch_dtype, why = (dev.compute_dtype if kwargs.get("compile") else dev.serving_dtype)(dtype)
         model, _ = load_checkpoint(path, dev.torch_device, torch_dtype)
         tokenizer = Tokenizer.load(path) if (Path(path) / "tokenizer.json").exists() else None
         engine = cls(model, tokenizer, **kwargs)

@@ -56,28 +56,29 @@ static inline void finish(const problem *p, __m256 acc, int64_t m, int64_t n, in
     p->y[m * p->N + n] = round1(s);
 }
 
-/* two rows of x (m, m+1) against four weight rows from n */
-static void tile_2x4(const problem *p, int64_t m, int64_t n) {
+/* Two rows of x (m, m+1) against four float32 weight rows at wf (row stride K; already
+   widened), whose rows are n..n+3 of w. */
+static void tile_2x4(const problem *p, const float *wf, int64_t m, int64_t n) {
     const int64_t K = p->K;
     const float *x0 = p->x + m * K, *x1 = x0 + K;
-    const uint16_t *w = p->w + n * K;
     __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
     __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
         __m256 u = _mm256_loadu_ps(x0 + k), v = _mm256_loadu_ps(x1 + k), b;
-        b = widen8(w + k);         a00 = _mm256_fmadd_ps(u, b, a00); a10 = _mm256_fmadd_ps(v, b, a10);
-        b = widen8(w + K + k);     a01 = _mm256_fmadd_ps(u, b, a01); a11 = _mm256_fmadd_ps(v, b, a11);
-        b = widen8(w + 2 * K + k); a02 = _mm256_fmadd_ps(u, b, a02); a12 = _mm256_fmadd_ps(v, b, a12);
-        b = widen8(w + 3 * K + k); a03 = _mm256_fmadd_ps(u, b, a03); a13 = _mm256_fmadd_ps(v, b, a13);
+        b = _mm256_loadu_ps(wf + k);         a00 = _mm256_fmadd_ps(u, b, a00); a10 = _mm256_fmadd_ps(v, b, a10);
+        b = _mm256_loadu_ps(wf + K + k);     a01 = _mm256_fmadd_ps(u, b, a01); a11 = _mm256_fmadd_ps(v, b, a11);
+        b = _mm256_loadu_ps(wf + 2 * K + k); a02 = _mm256_fmadd_ps(u, b, a02); a12 = _mm256_fmadd_ps(v, b, a12);
+        b = _mm256_loadu_ps(wf + 3 * K + k); a03 = _mm256_fmadd_ps(u, b, a03); a13 = _mm256_fmadd_ps(v, b, a13);
     }
     finish(p, a00, m, n, k); finish(p, a01, m, n + 1, k); finish(p, a02, m, n + 2, k); finish(p, a03, m, n + 3, k);
     finish(p, a10, m + 1, n, k); finish(p, a11, m + 1, n + 1, k);
     finish(p, a12, m + 1, n + 2, k); finish(p, a13, m + 1, n + 3, k);
 }
 
-/* one row of x against `count` (<= 8) weight rows from n: eight weight streams in flight */
-static void tile_1xn(const problem *p, int64_t m, int64_t n, int count) {
+/* One row of x against `count` (<= 8) weight rows from n, widened on the fly (wf NULL:
+   eight weight streams in flight, for the memory-bound single row) or read from wf. */
+static void tile_1xn(const problem *p, const float *wf, int64_t m, int64_t n, int count) {
     const int64_t K = p->K;
     const float *x0 = p->x + m * K;
     __m256 acc[8];
@@ -85,7 +86,10 @@ static void tile_1xn(const problem *p, int64_t m, int64_t n, int count) {
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
         __m256 u = _mm256_loadu_ps(x0 + k);
-        for (int j = 0; j < count; j++) acc[j] = _mm256_fmadd_ps(u, widen8(p->w + (n + j) * K + k), acc[j]);
+        for (int j = 0; j < count; j++) {
+            __m256 b = wf ? _mm256_loadu_ps(wf + j * K + k) : widen8(p->w + (n + j) * K + k);
+            acc[j] = _mm256_fmadd_ps(u, b, acc[j]);
+        }
     }
     for (int j = 0; j < count; j++) finish(p, acc[j], m, n + j, k);
 }
@@ -96,14 +100,25 @@ void bf16_linear(const uint16_t *x, const uint16_t *w, const uint16_t *b, uint16
     for (int64_t i = 0; i < M * K; i++) xf[i] = widen1(x[i]);
     problem p = {xf, w, b, y, M, N, K};
     int64_t blocks = (N + 7) / 8;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t blk = 0; blk < blocks; blk++) {
-        int64_t n = blk * 8;
-        int count = (int)(N - n < 8 ? N - n : 8);
-        int64_t m = 0;
-        if (count == 8)
-            for (; m + 2 <= M; m += 2) { tile_2x4(&p, m, n); tile_2x4(&p, m, n + 4); }
-        for (; m < M; m++) tile_1xn(&p, m, n, count);
+#pragma omp parallel num_threads(threads)
+    {
+        /* with several rows, each block of eight weight rows is widened once into this
+           buffer (it stays in L1/L2) and every row of x reads it from there */
+        float *wf = M > 1 ? malloc(sizeof(float) * (size_t)(8 * K)) : NULL;
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            int64_t n = blk * 8;
+            int count = (int)(N - n < 8 ? N - n : 8);
+            if (wf)
+                for (int j = 0; j < count; j++)
+                    for (int64_t k = 0; k + 8 <= K; k += 8)
+                        _mm256_storeu_ps(wf + j * K + k, widen8(w + (n + j) * K + k));
+            int64_t m = 0;
+            if (wf && count == 8)
+                for (; m + 2 <= M; m += 2) { tile_2x4(&p, wf, m, n); tile_2x4(&p, wf + 4 * K, m, n + 4); }
+            for (; m < M; m++) tile_1xn(&p, wf, m, n, count);
+        }
+        free(wf);
     }
     free(xf);
 }
