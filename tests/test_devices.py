@@ -86,6 +86,22 @@ def test_simulated_backend_index_out_of_range(simulate):
         get_device("npu:5")
 
 
+def test_accelerator_rng_state(simulate):
+    ns = simulate("npu", "torch_npu", "Ascend910B3")
+    assert get_device("npu:1").get_rng_state() is None  # a backend without the calls
+    states = {1: torch.tensor([1, 2, 3], dtype=torch.uint8)}
+    ns.get_rng_state = lambda index=0: states[index].clone()
+    ns.set_rng_state = lambda state, index=0: states.__setitem__(index, state)
+    dev = get_device("npu:1")
+    assert dev.get_rng_state().tolist() == [1, 2, 3]
+    dev.set_rng_state(torch.tensor([9], dtype=torch.uint8))
+    assert states[1].tolist() == [9]
+    cpu = get_device("cpu")  # the CPU generator is torch.get_rng_state's: nothing here
+    before = torch.get_rng_state()
+    cpu.set_rng_state(torch.tensor([7], dtype=torch.uint8))
+    assert cpu.get_rng_state() is None and torch.equal(torch.get_rng_state(), before)
+
+
 @pytest.mark.parametrize("dev_type,plugin,package", [(t, b.plugin_module, b.plugin_package)
                                                      for t, b in BACKENDS.items() if b.plugin_module])
 def test_missing_plugin_names_the_package(monkeypatch, dev_type, plugin, package):

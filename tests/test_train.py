@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from chipshift.cli import main as cli_main
+from chipshift.devices import get_device
 from chipshift.errors import ChipshiftError, ConfigError
 from chipshift.model.config import preset
 from chipshift.model.transformer import build_model
@@ -224,6 +225,32 @@ def test_non_finite_steps_are_skipped_then_stop_with_checkpoint_intact(tmp_path)
     assert path.name == "step_00000004"
     weights, _ = state.load(path)
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_accelerator_rng_state_is_saved_and_restored(tmp_path):
+    """`rng.device` holds the accelerator generator (faked here on a CPU device) and comes
+    back on resume, unless the checkpoint was written on another device type."""
+    cfg = tiny_cfg(tmp_path)
+    generator_state = torch.arange(16, dtype=torch.uint8)
+    dev = get_device("cpu")
+    dev.get_rng_state = lambda: generator_state.clone()
+    trainer = Trainer(cfg, LanguageModeling(), streams()[0], model_cfg=cfg.model_config(), device=dev,
+                      log=lambda *a: None)
+    trainer.train_step()
+    path = trainer.save(tmp_path)
+    assert torch.equal(state.load(path)[1]["rng.device"], generator_state)
+    assert "rng.device" not in Trainer(cfg, LanguageModeling(), streams()[0], model_cfg=cfg.model_config(),
+                                       log=lambda *a: None).state_tensors()  # a real CPU has none
+
+    _, sidecar = state.latest_valid(tmp_path)
+    for written_on, restored in (("cpu", [generator_state]), ("npu:0", [])):
+        dev, calls, messages = get_device("cpu"), [], []
+        dev.set_rng_state = calls.append
+        resumed = Trainer(cfg, LanguageModeling(), streams()[0], model_cfg=cfg.model_config(), device=dev,
+                          log=messages.append)
+        resumed.restore(path, {**sidecar, "device": written_on})
+        assert len(calls) == len(restored) and all(torch.equal(a, b) for a, b in zip(calls, restored))
+        assert resumed.step == 1 and (written_on == "cpu" or "written on npu" in messages[-1])
 
 
 def test_batch_that_cannot_fit_is_refused_before_work(tmp_path):

@@ -155,6 +155,18 @@ class Device:
         if not self.is_cpu and hasattr(self.ns, "manual_seed_all"):
             self.ns.manual_seed_all(seed)
 
+    def get_rng_state(self) -> torch.Tensor | None:
+        """The accelerator generator's state (a CPU byte tensor), for exact resumes; None on
+        the CPU (`torch.get_rng_state` holds it) or where the backend exposes none."""
+        if self.is_cpu or not hasattr(self.ns, "get_rng_state"):
+            return None
+        return self.ns.get_rng_state(self.index or 0)
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        """Restore what `get_rng_state` returned (a no-op where that was None)."""
+        if not self.is_cpu and hasattr(self.ns, "set_rng_state"):
+            self.ns.set_rng_state(state.cpu(), self.index or 0)
+
     def set_current(self) -> None:
         if not self.is_cpu and self.index is not None:
             self.ns.set_device(self.index)

@@ -284,8 +284,9 @@ class Trainer:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         adapter = {f"trainable.{n}": p.detach().to("cpu").contiguous().clone() for n, p in self._trainable()} \
             if getattr(self.model, "adapter", None) is not None else {}
+        device_rng = self.device.get_rng_state()
         return {**state.optimizer_tensors(self.optimizer, self.param_names), "rng.cpu": torch.get_rng_state(),
-                **adapter}
+                **({"rng.device": device_rng} if device_rng is not None else {}), **adapter}
 
     def meta(self) -> dict:
         return {"data_cursor": self.cursor, "bad_in_row": self.bad_in_row, "bad_total": self.bad_total,
@@ -329,6 +330,13 @@ class Trainer:
                                      f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         state.load_optimizer_tensors(self.optimizer, self.param_names, tensors)
         torch.set_rng_state(tensors["rng.cpu"])
+        if "rng.device" in tensors:
+            written_on = sidecar.get("device", "").partition(":")[0]
+            if written_on == self.device.type:
+                self.device.set_rng_state(tensors["rng.device"])
+            else:
+                self.log(f"checkpoint {path.name} was written on {written_on}: the {self.device.type} "
+                         f"generator keeps its seeded state")
         if self.scaler and meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
         self.step, self.cursor = meta["step"], meta["data_cursor"]
