@@ -231,6 +231,8 @@ def test_cli_reports_a_bad_jsonl_line(tmp_path, init_ckpt):
     assert code == 2 and "[dpo]" in err
     code, err = cli("dpo", str(cfg), "--set", "lora.rank=0", "--set", "lora.enabled=true")
     assert code == 2 and "lora.rank" in err
+    code, err = cli("dpo", str(cfg), "--set", "run.parallel=fsdp")
+    assert code == 2 and "run.parallel = 'fsdp'" in err and "'ddp'" in err
 
 
 def test_refuses_an_init_whose_handoff_failed(tmp_path, tok_dir, model):

@@ -13,11 +13,15 @@ from chipshift.devices import get_device
 from chipshift.errors import ChipshiftError, ConfigError
 from chipshift.model.config import preset
 from chipshift.model.transformer import build_model
-from chipshift.train import state
+from chipshift.train import distributed, state
 from chipshift.train.config import TrainConfig, from_dict, load_config
 from chipshift.train.data import TokenWindows, rank_slice
 from chipshift.train.loop import Trainer, train
-from chipshift.train.objectives import LanguageModeling, chunked_cross_entropy, reference_cross_entropy
+from chipshift.train.objectives import (
+    LanguageModeling,
+    chunked_cross_entropy,
+    reference_cross_entropy,
+)
 from chipshift.train.optim import lr_at
 from chipshift.train.precision import HalfMatmulUpcast
 
@@ -62,6 +66,7 @@ def streams(seed: int = 0):
     ({"model": {"hidden": 5}}, ["model.hidden", "allowed"]),
     ({"model": {"preset": "tiny", "num_kv_heads": 3}}, ["num_kv_heads"]),
     ({"optimizer": {}}, ["[optimizer]", "allowed"]),
+    ({"run": {"parallel": "zero3"}}, ["run.parallel", "'zero3'", "ddp, fsdp"]),
 ])
 def test_config_errors_name_key_value_and_allowed(raw, words):
     with pytest.raises(ConfigError) as exc:
@@ -225,6 +230,19 @@ def test_non_finite_steps_are_skipped_then_stop_with_checkpoint_intact(tmp_path)
     assert path.name == "step_00000004"
     weights, _ = state.load(path)
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.parametrize("run, train_section, words", [
+    ({"dtype": "float16"}, {}, ["run.parallel = 'fsdp'", "float16", "bfloat16"]),
+    ({}, {"eval_batches": 3}, ["train.eval_batches = 3", "multiple of the 2 processes"]),
+])
+def test_fsdp_settings_it_cannot_run_are_refused_before_work(tmp_path, run, train_section, words):
+    cfg = tiny_cfg(tmp_path, run={"parallel": "fsdp", **run}, train=train_section)
+    with pytest.raises(ConfigError) as exc:  # raised before any collective: no process group needed
+        Trainer(cfg, LanguageModeling(), streams()[0], model_cfg=cfg.model_config(),
+                world=distributed.World(0, 2), log=lambda *a: None)
+    for w in words:
+        assert w in str(exc.value)
 
 
 def test_accelerator_rng_state_is_saved_and_restored(tmp_path):

@@ -1,9 +1,11 @@
 """Whole `chipshift pretrain` runs in subprocesses: SIGKILL + --resume is bit-exact, and
-two torchrun processes follow the one-process loss curve and resume with one process."""
+two torchrun processes, replicated (ddp) or sharded (fsdp), follow the one-process loss curve
+and resume with one process."""
 
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,9 +68,9 @@ def final_state(run_dir):
     return load(list_checkpoints(run_dir)[-1])
 
 
-def losses(run_dir):
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-            if "loss" in r}
+def per_step(run_dir, key="loss"):
+    return {r["step"]: r[key] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if key in r}
 
 
 def kill_after_checkpoint(cmd, run_dir, min_step):
@@ -101,7 +103,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, data_dir):
     assert wa.keys() == wb.keys() and sa.keys() == sb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa), f"weights differ after a kill at step >= {kill_at}"
     assert [k for k in sa if not torch.equal(sa[k], sb[k])] == []
-    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert per_step(tmp_path / "a") == per_step(tmp_path / "b")
 
 
 def test_two_processes_match_one_and_resume_with_one(tmp_path, data_dir):
@@ -109,7 +111,7 @@ def test_two_processes_match_one_and_resume_with_one(tmp_path, data_dir):
     assert one.returncode == 0, one.stderr[-2000:]
     two = pretrain(write_config(tmp_path / "two.toml", data_dir, tmp_path / "two"), launcher=torchrun(2))
     assert two.returncode == 0, two.stderr[-3000:]
-    ref, got = losses(tmp_path / "one"), losses(tmp_path / "two")
+    ref, got = per_step(tmp_path / "one"), per_step(tmp_path / "two")
     assert ref.keys() == got.keys() and len(ref) == 14
     worst = max(abs(got[s] - ref[s]) / abs(ref[s]) for s in ref)
     assert worst <= 1e-5, f"2 processes vs 1: relative loss difference {worst:.2e}"
@@ -120,5 +122,40 @@ def test_two_processes_match_one_and_resume_with_one(tmp_path, data_dir):
     resumed = pretrain(cfg, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     (wa, _), (wb, _) = final_state(tmp_path / "one"), final_state(tmp_path / "mix")
+    for k in wa:
+        np.testing.assert_allclose(wb[k].numpy(), wa[k].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_two_processes_match_one_and_resume_with_one(tmp_path, data_dir):
+    """run.parallel = "fsdp": 2 processes x 2 accumulated micro-batches (the first without
+    gradient sync) follow the 1-process curve, and their checkpoint resumes with 1 process."""
+    short = {"train__steps": 8, "train__ckpt_every": 4, "train__eval_every": 4, "train__keep_last": 3}
+    one = pretrain(write_config(tmp_path / "one.toml", data_dir, tmp_path / "one", micro_batch=None, **short))
+    assert one.returncode == 0, one.stderr[-2000:]
+    cfg = write_config(tmp_path / "fsdp.toml", data_dir, tmp_path / "fsdp", micro_batch=1, run__parallel="fsdp",
+                       **short)
+    two = pretrain(cfg, launcher=torchrun(2))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "parallel: fsdp (FSDP2)" in two.stdout
+    assert json.loads((tmp_path / "fsdp" / "config.resolved.json").read_text())["resolved"]["sharded"] is True
+    ref, got = per_step(tmp_path / "one"), per_step(tmp_path / "fsdp")
+    assert ref.keys() == got.keys() and len(ref) == 8
+    worst = max(abs(got[s] - ref[s]) / abs(ref[s]) for s in ref)
+    assert worst <= 1e-5, f"2 FSDP processes vs 1: relative loss difference {worst:.2e}"
+    # clipping (at optim.grad_clip = 1) acts on every step, by the norm over both processes' shards
+    ref_norm, got_norm = per_step(tmp_path / "one", "grad_norm"), per_step(tmp_path / "fsdp", "grad_norm")
+    assert min(ref_norm.values()) > 1 and all(abs(got_norm[s] / ref_norm[s] - 1) <= 1e-5 for s in ref)
+
+    # the 2-process checkpoint of step 4, resumed by 1 process, ends where the 1-process run ends
+    latest = list_checkpoints(tmp_path / "fsdp")[-1]
+    assert latest.name == "step_00000008"
+    shutil.rmtree(latest)
+    resumed = pretrain(cfg, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "step_00000004" in resumed.stdout and "nothing to shard" in resumed.stdout
+    got = per_step(tmp_path / "fsdp")
+    assert max(abs(got[s] - ref[s]) / abs(ref[s]) for s in range(5, 9)) <= 1e-5
+    (wa, sa), (wb, sb) = final_state(tmp_path / "one"), final_state(tmp_path / "fsdp")
+    assert wa.keys() == wb.keys() and sa.keys() == sb.keys()
     for k in wa:
         np.testing.assert_allclose(wb[k].numpy(), wa[k].numpy(), rtol=1e-4, atol=1e-5)

@@ -1,6 +1,7 @@
 """The training config: TOML sections checked before any work starts.
 
-    [run]    out, seed, device, dtype, precision, compile, activation_checkpointing, attn_impl
+    [run]    out, seed, device, dtype, precision, half_matmul_upcast, compile,
+             activation_checkpointing, attn_impl, parallel (ddp | fsdp)
     [model]  preset and/or any `ModelConfig` field (explicit fields override the preset)
     [data]   dir, tokenizer, seq_len, batch_size (global, in sequences), micro_batch
     [optim]  lr, min_lr_ratio, weight_decay, beta1, beta2, eps, grad_clip, warmup_steps,
@@ -41,6 +42,9 @@ class RunConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     attn_impl: str = "auto"  # auto | sdpa | math
+    # under torchrun: replicate the model and average gradients ("ddp"), or shard parameters,
+    # gradients and optimizer state over the processes with FSDP2 ("fsdp")
+    parallel: str = "ddp"
 
 
 @dataclass
@@ -84,6 +88,7 @@ CHOICES = {
     "run.precision": ("auto", "autocast", "master"),
     "run.half_matmul_upcast": ("auto", "on", "off"),
     "run.attn_impl": ("auto", "sdpa", "math"),
+    "run.parallel": ("ddp", "fsdp"),
     "optim.schedule": ("cosine", "wsd", "constant"),
     "optim.fused": ("auto", "on", "off"),
 }

@@ -1,9 +1,18 @@
 """Data parallelism over `torchrun` processes, with the collective the device layer names.
 
-Every rank holds the whole model and its own share of each global batch. After the
-micro-batches of a step, one all-reduce averages the flattened gradients (what DDP does
-in its last bucket), so objectives may call the model any number of times per step
-(DPO calls it for chosen and rejected) without DDP's forward hooks in the way.
+Two layouts (`run.parallel`), the same results up to float rounding:
+
+  ddp   every rank holds the whole model and its own share of each global batch. After
+        the micro-batches of a step, one all-reduce averages the flattened gradients
+        (what DDP does in its last bucket), so objectives may call the model any number
+        of times per step (DPO calls it for chosen and rejected) without DDP's forward
+        hooks in the way.
+  fsdp  FSDP2 (`fully_shard`): each transformer block, then the root, is sharded over the
+        ranks, so parameters, gradients and optimizer moments take 1/N of the memory.
+        Blocks are all-gathered for their forward and backward; gradients are
+        reduce-scattered at the end of the last micro-batch's backward (the earlier ones
+        accumulate unsharded, without communication). Checkpoints gather whole tensors
+        (`full_tensor`) and restore by re-sharding them, so they do not depend on N.
 """
 
 from __future__ import annotations
@@ -45,6 +54,68 @@ def init(device: Device) -> World:
 def shutdown(world: World) -> None:
     if world.active and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def shard(model: torch.nn.Module, device: Device, world: World,
+          compute_dtype: torch.dtype | None = None) -> None:
+    """FSDP2 over all ranks: each block of `model.layers`, then the root (embedding, final
+    norm, output projection), in place. With `compute_dtype`, parameters stay float32 in
+    their shards (the master copy) and are all-gathered in `compute_dtype` for the forward
+    and backward; gradients are reduced in float32.
+    """
+    # imported here: torch.distributed.fsdp / .tensor take about a second to import, a cost
+    # only sharded runs should pay (hence also the duck-typed checks below)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import (
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
+
+    mesh = init_device_mesh(device.type, (world.size,))
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) \
+        if compute_dtype is not None else MixedPrecisionPolicy()
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    # objectives call forward_hidden (and then read the output weight), not forward:
+    # the root's all-gather must run for it too; the root stays unsharded until backward
+    register_fsdp_forward_method(model, "forward_hidden")
+
+
+def set_gradient_sync(model: torch.nn.Module, sync: bool) -> None:
+    """Sharded models: reduce-scatter gradients in this backward (True), or let them
+    accumulate unsharded without communication (False, for all but the last micro-batch).
+    Parameters are still resharded after each backward: the blocks are freed after every
+    forward anyway, so keeping them would cost memory and save no all-gather."""
+    if hasattr(model, "set_requires_gradient_sync"):  # an FSDPModule
+        model.set_requires_gradient_sync(sync)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a shard (a collective: every rank must call it); plain
+    tensors as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # a DTensor
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` laid out like `like`: this rank's shard when `like` is sharded (every rank
+    holds the same `full`, so no data moves), else `full` on `like`'s device."""
+    if hasattr(like, "device_mesh"):  # a DTensor
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(like.device), like.device_mesh, like.placements,
+                                 src_data_rank=None)
+    return full.to(like.device)
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale gradients so that their global 2-norm is at most `max_norm`; returns the norm
+    before clipping. For sharded gradients the norm is over all ranks' shards."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = full_tensor(torch.nn.utils.get_total_norm(grads, foreach=True))
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+    return norm
 
 
 def average_gradients(params: list[torch.Tensor], world: World) -> None:

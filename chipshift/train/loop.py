@@ -9,7 +9,8 @@ Public API:
         the loss-curve PNG. With no streams it pre-trains on `cfg.data.dir`.
     Trainer(cfg, objective, train_stream, ...).train_step() -> StepStats
         One optimizer step (forward, backward, gradient average over processes, clip,
-        AdamW, zero_grad): the unit `chipshift bench` times.
+        AdamW, zero_grad): the unit `chipshift bench` times. Under torchrun the model is
+        replicated (run.parallel = "ddp") or sharded with FSDP2 ("fsdp"); see `distributed`.
 
 An objective is `objective(model, batch) -> (loss, metrics)` (see `objectives`); a stream
 is anything with `batch(start, count) -> dict of tensors` (see `data`).
@@ -66,10 +67,11 @@ class TrainResult:
 
 
 def memory_estimate(cfg: ModelConfig, micro_batch: int, seq_len: int, param_bytes: int,
-                    act_bytes: int, master: bool, checkpointing: bool) -> dict[str, int]:
-    """Rough bytes a step needs: weights, gradients, AdamW moments, activations."""
+                    act_bytes: int, master: bool, checkpointing: bool, shards: int = 1) -> dict[str, int]:
+    """Rough bytes a step needs on one process: weights, gradients, AdamW moments (1/shards
+    of them when sharded), activations."""
     P = cfg.num_params()
-    states = P * (2 * param_bytes + 8 + (8 if master else 0))
+    states = P * (2 * param_bytes + 8 + (8 if master else 0)) // shards
     per_layer = micro_batch * seq_len * (14 * cfg.hidden_size + 5 * cfg.intermediate_size
                                          + 2 * cfg.num_heads * seq_len) * act_bytes
     layers = per_layer * (1 if checkpointing else cfg.num_layers)
@@ -127,23 +129,40 @@ class Trainer:
                               f"({self.micro}) x processes ({W})")
         self.accum = B // (self.micro * W)
 
+        # parallel layout: FSDP2 shards only when there is more than one process
+        self.sharded = cfg.run.parallel == "fsdp" and self.world.active
+        if cfg.run.parallel == "fsdp":
+            self.log(f"parallel: fsdp (FSDP2), parameters, gradients and AdamW moments sharded over {W} processes"
+                     if self.sharded else "parallel: fsdp with one process: nothing to shard, the model runs whole")
+        if self.sharded and cfg.train.eval_batches % W:
+            raise ConfigError(f"train.eval_batches = {cfg.train.eval_batches}: with run.parallel = 'fsdp' it must be "
+                              f"a multiple of the {W} processes (each runs the sharded model equally often)")
+        if self.sharded and self.dtype == torch.float16:
+            raise ConfigError("run.parallel = 'fsdp' with float16: its loss scaler would judge each shard's "
+                              "gradients alone; use run.dtype = 'bfloat16' or 'float32', or run.parallel = 'ddp'")
+
         # model
         dev.manual_seed(cfg.run.seed)
         model_cfg = model.cfg if model is not None else model_cfg
         self._check_memory(model_cfg)
         if model is None:
             model = build_model(model_cfg, dev.torch_device, torch.float32, seed=cfg.run.seed)
-        model = model.to(dev.torch_device, self.dtype if self.precision == "master" else torch.float32)
+        # "master" precision: half-precision params with float32 copies in the optimizer; sharded,
+        # the float32 shards are the master copy and FSDP2 all-gathers them in half precision
+        half_params = self.precision == "master" and not self.sharded
+        model = model.to(dev.torch_device, self.dtype if half_params else torch.float32)
         model.train()
         model.activation_checkpointing = cfg.run.activation_checkpointing
         model.attn_impl = "sdpa" if cfg.run.attn_impl == "auto" else cfg.run.attn_impl
         if cfg.run.compile:
             model.forward_hidden = torch.compile(model.forward_hidden)
+        if self.sharded:
+            distributed.shard(model, dev, self.world, self.dtype if self.precision == "master" else None)
         self.model, self.model_cfg = model, model_cfg
         self.params = [p for p in model.parameters() if p.requires_grad]
 
         # optimizer
-        self.master = MasterWeights(model) if self.precision == "master" else None
+        self.master = MasterWeights(model) if half_params else None
         named = self.master.named_parameters() if self.master else \
             [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.param_names = [n for n, p in named if p.ndim >= 2] + [n for n, p in named if p.ndim < 2]
@@ -169,7 +188,8 @@ class Trainer:
         half = self.dtype in HALF
         est = memory_estimate(model_cfg, self.micro, self.cfg.data.seq_len,
                               2 if self.precision == "master" else 4, 2 if half else 4,
-                              self.precision == "master", self.cfg.run.activation_checkpointing)
+                              self.precision == "master", self.cfg.run.activation_checkpointing,
+                              self.world.size if self.sharded else 1)
         have = self.device.total_memory()
         if est["total"] > 0.9 * have:
             raise ChipshiftError(
@@ -206,6 +226,7 @@ class Trainer:
         metric_sums: dict[str, torch.Tensor] = {}
         tokens = 0
         for i in range(self.accum):
+            distributed.set_gradient_sync(self.model, i == self.accum - 1)
             batch = self._to_device(self.train_stream.batch(start + i * self.micro, self.micro))
             tokens += self._tokens(batch)
             with self._context():
@@ -215,13 +236,14 @@ class Trainer:
             loss_sum += loss.detach().float()
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0) + v.detach().float()
-        distributed.average_gradients(self.params, self.world)
+        if not self.sharded:  # sharded, FSDP2 reduce-scattered them in the last backward
+            distributed.average_gradients(self.params, self.world)
         if self.master:
             self.master.to_master_grads()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.opt_params, clip, foreach=True)
+        norm = distributed.clip_grad_norm(self.opt_params, clip)
         packed = torch.stack([loss_sum / self.accum, *(v / self.accum for v in metric_sums.values())])
         loss_value, *metric_values = distributed.all_mean(packed, self.world).tolist()
         norm_value = float(norm)
@@ -262,6 +284,8 @@ class Trainer:
             sums = row if sums is None else sums + row
             keys = ["val_loss", *(f"val_{k}" for k in metrics)]
         self.model.train()
+        if self.sharded:  # no backward follows to free the root's gathered parameters
+            self.model.reshard()
         if sums is None:
             raise ConfigError(f"train.eval_batches = {n}: too few for {self.world.size} processes")
         counts = torch.tensor(float(len(range(self.world.rank, n, self.world.size))))
@@ -270,9 +294,13 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------
     def weights(self) -> dict[str, torch.Tensor]:
+        """The weights to save, whole, on the CPU (sharded: every process must call this)."""
         adapter = getattr(self.model, "adapter", None)
         if adapter is not None:  # LoRA: saved merged, clean names; the adapter goes in the state
             return adapter.merged_state_dict()
+        if self.sharded:
+            return {n: distributed.full_tensor(p.detach()).to("cpu").contiguous()
+                    for n, p in self.model.named_parameters()}
         if self.master:
             return {n: m.detach().to("cpu").contiguous().clone() for n, m in self.master.named_parameters()}
         return state_dict_for_save(self.model)
@@ -298,8 +326,10 @@ class Trainer:
     def save(self, run_dir: Path, tokenizer_dir=None) -> Path | None:
         path = None
         self.saved_step = self.step
+        if self.world.is_main or self.sharded:  # gathering the shards takes every process
+            weights, tensors = self.weights(), self.state_tensors()
         if self.world.is_main:
-            path = state.save(run_dir, self.step, self.weights(), self.model_cfg, self.state_tensors(),
+            path = state.save(run_dir, self.step, weights, self.model_cfg, tensors,
                               self.meta(), tokenizer_dir=tokenizer_dir, device=str(self.device),
                               keep_last=self.cfg.train.keep_last)
         distributed.barrier(self.world)
@@ -323,6 +353,14 @@ class Trainer:
             for n, m in self.master.named_parameters():
                 m.copy_(weights[n])
             self.master.to_model()
+        elif self.sharded:  # each process keeps its shard of the whole tensors
+            params = dict(self.model.named_parameters())
+            if params.keys() != weights.keys():
+                raise ChipshiftError(f"checkpoint {path}: weights do not match the model "
+                                     f"(missing {sorted(params.keys() - weights.keys())[:3]}, "
+                                     f"unexpected {sorted(weights.keys() - params.keys())[:3]})")
+            for n, p in params.items():
+                p.copy_(distributed.shard_like(weights[n], p))
         else:
             missing, unexpected = self.model.load_state_dict(weights, strict=False)
             if missing or unexpected:
@@ -435,8 +473,9 @@ def _run(trainer: Trainer, run_dir: Path, resume_from, tokenizer_dir, bytes_per_
         save_resolved(cfg, run_dir, {"resolved": {
             "model_config": trainer.model_cfg.to_dict(), "device": str(trainer.device),
             "compute_dtype": dtype_name(trainer.dtype), "precision": trainer.precision,
-            "half_matmul_upcast": trainer.upcast, "processes": world.size, "micro_batch": trainer.micro,
-            "grad_accum": trainer.accum, "objective": trainer.objective.name, "tokenizer": str(tokenizer_dir)}})
+            "half_matmul_upcast": trainer.upcast, "processes": world.size, "sharded": trainer.sharded,
+            "micro_batch": trainer.micro, "grad_accum": trainer.accum, "objective": trainer.objective.name,
+            "tokenizer": str(tokenizer_dir)}})
     peak, peak_source = trainer.peak_flops, trainer.peak_source
     log(f"model {trainer.model_cfg.num_params() / 1e6:.1f}M params; batch {cfg.data.batch_size} x "
         f"{cfg.data.seq_len} = {world.size} process(es) x {trainer.micro} x {trainer.accum} accumulation; "

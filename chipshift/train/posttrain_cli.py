@@ -83,6 +83,10 @@ def load_posttrain_config(kind: str, path: str | Path, overrides: list[str] = ()
         raise ConfigError(f"dpo.beta = {post.beta}: must be > 0")
     raw.setdefault("run", {}).setdefault("out", f"runs/{kind}")
     train = from_dict({k: v for k, v in raw.items() if k in SECTIONS})
+    if train.run.parallel != "ddp":
+        # the evaluation after training runs the model on the main process alone, and LoRA
+        # merges whole weights: neither works on a sharded model yet
+        raise ConfigError(f"run.parallel = {train.run.parallel!r}: `chipshift {kind}` supports only 'ddp'")
     return PostTrainConfig(kind, train, post, lora)
 
 

@@ -6,9 +6,10 @@
       chipshift.json           the sidecar; `meta` holds step, data cursor, schedule,
                                counters and the grad-scaler state; sha256 of every file
 
-Nothing depends on the number of processes (data-parallel ranks hold the same state),
-so a checkpoint written by N processes resumes with M. Written through
-`chipshift.model.checkpoint.write_checkpoint`, atomically; never a pickle.
+Nothing depends on the number of processes (data-parallel ranks hold the same state;
+sharded ones are gathered into whole tensors when saving and re-sharded when loading),
+so a checkpoint written by N processes resumes with M, in either `run.parallel` layout.
+Written through `chipshift.model.checkpoint.write_checkpoint`, atomically; never a pickle.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from chipshift.errors import CheckpointError
 from chipshift.model.checkpoint import verify_checkpoint, write_checkpoint
 from chipshift.model.config import ModelConfig
+from chipshift.train.distributed import full_tensor, shard_like
 
 STATE_FILE = "train_state.safetensors"
 PREFIX = "step_"
@@ -38,12 +40,13 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> dict[str, torch.Tensor]:
     """Optimizer state keyed by parameter name ("adam.<name>.exp_avg"), so it outlives
-    the parameter order of any one process layout."""
+    the parameter order of any one process layout. Sharded moments are gathered whole:
+    every process must call this."""
     out = {}
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for name, p in zip(names, params):
         for key, value in optimizer.state.get(p, {}).items():
-            out[f"adam.{name}.{key}"] = value.detach().to("cpu").contiguous().clone()
+            out[f"adam.{name}.{key}"] = full_tensor(value.detach()).to("cpu").contiguous().clone()
     return out
 
 
@@ -53,7 +56,9 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str], t
         keys = [k for k in tensors if k.startswith(f"adam.{name}.")]
         if not keys:
             raise CheckpointError(f"training state has no optimizer entry for {name}")
-        optimizer.state[p] = {k.removeprefix(f"adam.{name}."): tensors[k].to(p.device) for k in keys}
+        # moments shaped like the parameter are laid out like it (sharded or not); `step` is a scalar
+        optimizer.state[p] = {k.removeprefix(f"adam.{name}."): shard_like(tensors[k], p)
+                              if tensors[k].shape == p.shape else tensors[k].to(p.device) for k in keys}
     for p in params:  # the fused kernel keeps `step` on the parameter's device
         st = optimizer.state[p]
         if "step" in st:
