@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from chipshift.devices import Device, dtype_name, get_device
+from chipshift.devices import Device, dtype_name, get_device, return_freed_host_memory
 from chipshift.errors import ChipshiftError, ConfigError
 from chipshift.model.checkpoint import state_dict_for_save
 from chipshift.model.config import ModelConfig
@@ -142,6 +142,8 @@ class Trainer:
                               "gradients alone; use run.dtype = 'bfloat16' or 'float32', or run.parallel = 'ddp'")
 
         # model
+        if dev.is_cpu:
+            return_freed_host_memory()
         dev.manual_seed(cfg.run.seed)
         model_cfg = model.cfg if model is not None else model_cfg
         self._check_memory(model_cfg)
