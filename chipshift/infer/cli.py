@@ -12,7 +12,8 @@ def _engine_args(p) -> None:
     p.add_argument("checkpoint", help="a chipshift checkpoint directory")
     p.add_argument("--device", default=None, help="device type, optionally with an index (cpu, npu:1, ...); "
                                                   "default: $CHIPSHIFT_DEVICE or the first accelerator found")
-    p.add_argument("--dtype", default="auto", help="serving dtype: auto (bfloat16 where it is fast, else "
+    p.add_argument("--dtype", default="auto", help="serving dtype: auto (bfloat16 where it is fast, or on a "
+                                                   "CPU that emulates it where chipshift's kernel builds; else "
                                                    "float32), bfloat16, float16 or float32")
     p.add_argument("--max-batch", type=int, default=8, help="batch slots: requests decoded together (default 8)")
     p.add_argument("--max-len", type=int, default=None,

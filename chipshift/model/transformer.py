@@ -82,16 +82,25 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, h, bias=False)
 
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The three projections (an inference kernel may compute them in one pass)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(self, x, cos, sin, attn_mask, cache, attn_impl: str) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv(x)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # the cache stores this step's k/v and returns the full history
             k, v = cache.update(self.layer_idx, k, v)
         if attn_impl == "math":
             y = _math_attention(q, k, v, attn_mask)
+        elif attn_impl == "sdpa_float32":  # half inputs where the device emulates half arithmetic
+            y = F.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), attn_mask=attn_mask, is_causal=attn_mask is None,
+                enable_gqa=self.num_kv_heads != self.num_heads).to(q.dtype)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
@@ -121,8 +130,13 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two input projections (an inference kernel may compute them in one pass)."""
+        return self.gate_proj(x), self.up_proj(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -152,7 +166,7 @@ class Transformer(nn.Module):
         # float32 on purpose and not a buffer, so that `model.to(bfloat16)` cannot round it
         with torch.device("cpu"):  # real values even when the model is built on meta
             self._inv_freq = rope_inv_freq(cfg)
-        self.attn_impl = "sdpa"  # or "math"; a runtime choice, not part of the checkpoint
+        self.attn_impl = "sdpa"  # or "math", "sdpa_float32"; a runtime choice, not part of the checkpoint
         self.activation_checkpointing = False
 
     # -- weights -----------------------------------------------------------------------

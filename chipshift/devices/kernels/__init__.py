@@ -67,10 +67,12 @@ def _library() -> ctypes.CDLL:
                 raise Unavailable(f"{cc} failed: {run.stderr.strip()[:400]}")
             os.replace(out, lib)  # atomic: a concurrent process sees the whole file or none
     handle = ctypes.CDLL(str(lib))
-    fn = handle.bf16_linear
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-    fn.restype = None
+    P, I64 = ctypes.c_void_p, ctypes.c_int64
+    handle.bf16_linear.argtypes = [P, P, P, P, I64, I64, I64, ctypes.c_int]
+    handle.bf16_linear_many.argtypes = [P, ctypes.c_int, P, P, P, P, I64, I64, ctypes.c_int]
+    handle.bf16_rms_norm.argtypes = [P, P, P, I64, I64, ctypes.c_float]
+    for fn in (handle.bf16_linear, handle.bf16_linear_many, handle.bf16_rms_norm):
+        fn.restype = None
     return handle
 
 
@@ -96,6 +98,42 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None)
     return y.view(*x.shape[:-1], N)
 
 
+def bf16_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The model's RMSNorm (float32 statistics, output rounded to bfloat16, then scaled by
+    the bfloat16 weight) of bfloat16 rows in one native call."""
+    D = x.shape[-1]
+    x2 = x.reshape(-1, D).contiguous()
+    y = torch.empty_like(x2)
+    _library().bf16_rms_norm(x2.data_ptr(), weight.contiguous().data_ptr(), y.data_ptr(), x2.shape[0], D, eps)
+    return y.view(x.shape)
+
+
+MAX_MANY = 8
+
+
+def bf16_linear_many(x: torch.Tensor, weights: list[torch.Tensor],
+                     biases: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+    """[bf16_linear(x, w, b) for each w, b] in one pass over all their weights (q/k/v,
+    gate/up: one call, one thread team, instead of several)."""
+    if len(weights) > MAX_MANY:
+        raise ValueError(f"at most {MAX_MANY} matrices per call")
+    fn = _library().bf16_linear_many
+    K = weights[0].shape[1]
+    x2 = x.reshape(-1, K).contiguous()
+    M, count = x2.shape[0], len(weights)
+    ws = [w.contiguous() for w in weights]
+    ys = [torch.empty(M, w.shape[0], dtype=torch.bfloat16) for w in ws]
+    arr = ctypes.c_void_p * count
+    b_ptrs = None
+    if biases is not None and any(b is not None for b in biases):
+        bs = [b.contiguous() if b is not None else torch.zeros(w.shape[0], dtype=torch.bfloat16)
+              for b, w in zip(biases, ws)]
+        b_ptrs = arr(*(b.data_ptr() for b in bs))
+    fn(x2.data_ptr(), count, arr(*(w.data_ptr() for w in ws)), b_ptrs, arr(*(y.data_ptr() for y in ys)),
+       (ctypes.c_int64 * count)(*(w.shape[0] for w in ws)), M, K, torch.get_num_threads())
+    return [y.view(*x.shape[:-1], y.shape[1]) for y in ys]
+
+
 # Rows up to which a bfloat16 linear goes through the kernel; beyond (prefill), the
 # weights are widened once per call and multiplied by torch's float32 GEMM, which at
 # that many rows costs far more than the widening.
@@ -115,11 +153,26 @@ def _kernel_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return linear(x, module.weight, module.bias)
 
 
+def _norm_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if x.dtype == torch.bfloat16 and module.weight.dtype == torch.bfloat16 and x.numel() // x.shape[-1] <= KERNEL_MAX_ROWS:
+        return bf16_rms_norm(x, module.weight, module.eps)
+    return type(module).forward(module, x)
+
+
+def _joint(linears: tuple[nn.Linear, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    if x.numel() // x.shape[-1] <= KERNEL_MAX_ROWS and all(m.weight.dtype == torch.bfloat16 for m in linears):
+        return tuple(bf16_linear_many(x, [m.weight for m in linears], [m.bias for m in linears]))
+    return tuple(m(x) for m in linears)
+
+
 def for_inference(model: nn.Module) -> nn.Module:
     """A twin of a bfloat16 model for inference on a CPU without bfloat16 arithmetic: the
     same parameters and buffers (shared, not copied: weights stay bfloat16 in memory, once),
-    its own module objects whose linears, and output projection, run through `linear`.
+    its own module objects whose linears, and output projection, run through `linear`,
+    whose RMSNorms run natively and whose attention computes in float32.
     The caller's model is left as it was."""
+    from chipshift.model.transformer import RMSNorm
+
     _library()  # fail here, not mid-forward, when the kernel cannot be built
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     twin = copy.deepcopy(model, memo=shared)
@@ -127,6 +180,15 @@ def for_inference(model: nn.Module) -> nn.Module:
         if isinstance(module, nn.Linear) and module.weight.dtype == torch.bfloat16 \
                 and (module.bias is None or module.bias.dtype == torch.bfloat16):
             module.forward = functools.partial(_kernel_forward, module)
+        # projections that read the same input: one kernel call for all of them
+        if hasattr(module, "qkv"):
+            module.qkv = functools.partial(_joint, (module.q_proj, module.k_proj, module.v_proj))
+        if hasattr(module, "gate_up"):
+            module.gate_up = functools.partial(_joint, (module.gate_proj, module.up_proj))
+        if isinstance(module, RMSNorm):
+            module.forward = functools.partial(_norm_forward, module)
+    # attention on float32 copies of q, k, v: torch's bfloat16 attention is emulated too
+    twin.attn_impl = "sdpa_float32"
     if hasattr(twin, "output_weight"):
         twin.logits = lambda hidden: linear(hidden, twin.output_weight)
     return twin
