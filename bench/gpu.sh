@@ -9,6 +9,11 @@
 # against a CPU float64 reference by the error-ratio rule, with CPU bfloat16 as the baseline
 # ("is the new chip worse than the old one?"). The report lands in $OUT_DIR/parity-report.
 #
+# Part 3 (decode): the inference engine on a ~1B-parameter Llama shape (Llama-3.2-1B: 16 x 2048,
+# random weights) in bfloat16, batch 1 and 8, prompt 32, exactly 128 new tokens, greedy; each
+# rate against the memory-bandwidth bound (weight + KV bytes read per step / copy bandwidth
+# measured on the device).
+#
 # MFU counts model FLOPs (6 per matmul weight per token + attention, see
 # chipshift.plan.flops.model_flops_per_token) against both the catalogue peak of the chip and the
 # bf16 GEMM ceiling measured here.
@@ -107,3 +112,61 @@ P="$OUT_DIR/parity"
 set +e
 "$PY" -m chipshift parity compare "$P/A" "$P/B" --reference "$P/R" --out "$OUT_DIR/parity-report"
 echo "parity verdict exit code: $? (0 pass/warn, 1 fail); report: $OUT_DIR/parity-report/report.md"
+
+# ---- part 3: decode tokens/s against the memory-bandwidth bound ----------------------------
+MODE=$MODE PYTHONPATH=. "$PY" - <<'PYEOF'
+import json, os, statistics, time
+
+import torch
+
+from chipshift.devices import get_device
+from chipshift.infer.engine import Engine, Request
+from chipshift.infer.sampling import SamplingParams
+from chipshift.model.config import preset
+from chipshift.model.transformer import build_model
+
+dry = os.environ["MODE"] == "dry"
+device, name = ("cpu", "tiny") if dry else ("cuda:0", "llama-3.2-1b")
+dev = get_device(device)
+cfg = preset(name, max_seq_len=256)
+model = build_model(cfg, device=dev.torch_device, dtype=torch.bfloat16, seed=0)
+PROMPT, NEW = 32, 128
+
+# copy bandwidth: a 1 GiB (dry: 64 MiB) device-to-device copy, read + write bytes
+n = (64 if dry else 1024) * 2**20 // 2
+a = torch.ones(n, dtype=torch.bfloat16, device=dev.torch_device)
+b = torch.empty_like(a)
+times = []
+for _ in range(10):
+    dev.synchronize(); t0 = time.perf_counter(); b.copy_(a); dev.synchronize()
+    times.append(time.perf_counter() - t0)
+bandwidth = 2 * a.numel() * a.element_size() / statistics.median(times)
+del a, b
+
+rows = []
+for batch in (1, 8):
+    engine = Engine(model, max_batch=batch, max_len=PROMPT + NEW)
+    g = torch.Generator().manual_seed(batch)
+    prompts = [torch.randint(0, cfg.vocab_size, (PROMPT,), generator=g).tolist() for _ in range(batch)]
+    engine.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
+    dev.synchronize()
+    t0 = time.perf_counter()
+    reqs = [engine.submit(Request(p, SamplingParams(max_tokens=NEW, ignore_eos=True))) for p in prompts]
+    while not all(r.done.is_set() for r in reqs):
+        engine.step()
+    seconds = time.perf_counter() - t0
+    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (PROMPT + NEW // 2) * 2
+    step_bytes = cfg.num_params() * 2 + batch * kv
+    bound = batch * bandwidth / step_bytes
+    tps = batch * NEW / seconds
+    rows.append({"batch": batch, "tokens_per_s": tps, "ttft_ms": 1e3 * (reqs[0].first_token_at - reqs[0].submitted_at),
+                 "bound_tokens_per_s": bound, "fraction_of_bound": tps / bound})
+print(f"decode {name} ({cfg.num_params() / 1e9:.2f}B params) bfloat16 on {dev.name}; "
+      f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+print(f"{'batch':>5}  {'tok/s':>8}  {'ttft ms':>8}  {'bound tok/s':>11}  {'of bound':>8}")
+for r in rows:
+    print(f"{r['batch']:>5}  {r['tokens_per_s']:>8.1f}  {r['ttft_ms']:>8.1f}  {r['bound_tokens_per_s']:>11.1f}  "
+          f"{r['fraction_of_bound']:>8.1%}")
+print(json.dumps({"bench": "gpu_decode", "dry_run": dry, "model": name, "params_b": cfg.num_params() / 1e9,
+                  "copy_bandwidth_gbs": bandwidth / 1e9, "rows": rows}))
+PYEOF

@@ -16,7 +16,8 @@ What each side runs:
              cross-entropy, fused AdamW where the device has it. `--ours-set` passes config
              overrides (e.g. run.attn_impl="math") to this side only.
   HF         LlamaForCausalLM (sdpa attention, tied embeddings like the presets), loss from
-             `labels`, torch.optim.AdamW (default implementation); bf16 = torch.autocast to
+             `labels`, torch.optim.AdamW (fused where the device has it, as on our side and
+             as the HF Trainer's default `adamw_torch_fused`); bf16 = torch.autocast to
              bf16 over fp32 parameters, as the HF Trainer does with bf16=True.
 
     python bench/train_vs_hf.py                       # S and M, bf16 and fp32
@@ -98,7 +99,7 @@ def worker_hf(shape: str, dtype: str, steps: int, warmup: int, device: str) -> d
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=LR, betas=BETAS)
+                            lr=LR, betas=BETAS, fused=dev.fused_adamw or None)
     half = parse_dtype(dtype) != torch.float32
     state = {"i": 0}
 
