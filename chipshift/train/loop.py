@@ -142,7 +142,9 @@ class Trainer:
                               "gradients alone; use run.dtype = 'bfloat16' or 'float32', or run.parallel = 'ddp'")
 
         # model
-        if dev.is_cpu:
+        if dev.is_cpu and getattr(train_stream, "variable_shapes", False):
+            # fixed-shape batches (pre-training) reuse the heap's blocks step after step and
+            # would only pay page faults for fresh mappings (S shape: 30% slower)
             return_freed_host_memory()
         dev.manual_seed(cfg.run.seed)
         model_cfg = model.cfg if model is not None else model_cfg

@@ -54,6 +54,10 @@ def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 class _Indexed:
     """Global sample index -> item index, shuffled per epoch by (seed, epoch) unless not."""
 
+    # batches differ in shape from step to step (pair widths, target counts): on a CPU the
+    # trainer then keeps glibc from fragmenting the heap (devices.return_freed_host_memory)
+    variable_shapes = True
+
     def __init__(self, n: int, seed: int, shuffle: bool) -> None:
         if n < 1:
             raise ChipshiftError("no training examples left after packing (all cut or without a target)")
