@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 from test_posttrain import init_ckpt, model, tok, tok_dir, write_config  # noqa: F401 (fixtures)
-from test_train_processes import ENV, final_state, kill_after_checkpoint, losses, torchrun
+from test_train_processes import ENV, final_state, kill_after_checkpoint, per_step, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -32,10 +32,10 @@ def test_kill_resume_and_two_processes(tmp_path, init_ckpt, kind, lora):  # noqa
     assert "resumed from" in resumed.stdout + resumed.stderr
     (wa, _), (wb, _) = final_state(tmp_path / "one"), final_state(tmp_path / "killed")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert losses(tmp_path / "one") == losses(tmp_path / "killed")
+    assert per_step(tmp_path / "one") == per_step(tmp_path / "killed")
 
     post(kind, config("two"), launcher=torchrun(2))
-    ref, got = losses(tmp_path / "one"), losses(tmp_path / "two")
+    ref, got = per_step(tmp_path / "one"), per_step(tmp_path / "two")
     assert ref.keys() == got.keys() and len(ref) == 12
     worst = max(abs(got[s] - ref[s]) / max(abs(ref[s]), 1e-3) for s in ref)
     assert worst <= 1e-5, f"2 processes vs 1: relative loss difference {worst:.2e}"
