@@ -172,7 +172,7 @@ class SFT:
 
     name = "sft"
 
-    def __init__(self, chunk_rows: int = 1024) -> None:
+    def __init__(self, chunk_rows: int | None = None) -> None:
         self.chunk_rows = chunk_rows
 
     def __call__(self, model, batch):
