@@ -260,18 +260,19 @@ class Device:
         for dtype in (torch.bfloat16, torch.float16):
             if not self.dtype_works(dtype):
                 continue
-            if self.is_cpu:
-                # Many CPUs (AVX2 without AVX512-BF16/AMX) emulate half precision and run it
-                # several times slower than float32: there, half precision saves nothing.
-                fast, slow = self.peak_flops(dtype)[0], self.peak_flops(torch.float32)[0]
-                if fast < 0.8 * slow:
-                    continue
+            if self.half_is_emulated(dtype):
+                continue  # there, half precision saves nothing
             return dtype, f"{dtype_name(dtype)} (the first of bfloat16, float16 that works fast on {self.type})"
         if self.is_cpu:
             return torch.float32, ("float32 (this CPU computes bfloat16/float16 slower than float32: "
                                    f"{self.peak_flops(torch.bfloat16)[0] / 1e9:.3g} vs "
                                    f"{self.peak_flops(torch.float32)[0] / 1e9:.3g} GFLOP/s)")
         return torch.float32, "float32 (neither bfloat16 nor float16 works here)"
+
+    def half_is_emulated(self, dtype: torch.dtype) -> bool:
+        """True on a CPU whose `dtype` matmul runs slower than 0.8x its float32 one: many CPUs
+        (AVX2 without AVX512-BF16/AMX) emulate half precision several times slower."""
+        return self.is_cpu and self.peak_flops(dtype)[0] < 0.8 * self.peak_flops(torch.float32)[0]
 
     def serving_dtype(self, override: str | None = None) -> tuple[torch.dtype, str]:
         """The dtype to hold weights in for inference, and why. As `compute_dtype`, except on
@@ -294,10 +295,8 @@ class Device:
         On a CPU that emulates bfloat16 (slower than float32), a twin of the model sharing
         its weights multiplies them with a native AVX2 kernel (`kernels.for_inference`) when
         one builds here; everywhere else the model runs on the device's own kernels."""
-        if not (self.is_cpu and dtype == torch.bfloat16):
-            return model, None
-        if self.peak_flops(torch.bfloat16)[0] >= 0.8 * self.peak_flops(torch.float32)[0]:
-            return model, None  # native bfloat16 (AVX512-BF16, AMX)
+        if dtype != torch.bfloat16 or not self.half_is_emulated(dtype):
+            return model, None  # an accelerator, or native bfloat16 (AVX512-BF16, AMX)
         from chipshift.devices import kernels
 
         missing = kernels.bf16_linear_status()

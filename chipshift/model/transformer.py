@@ -97,14 +97,12 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         if attn_impl == "math":
             y = _math_attention(q, k, v, attn_mask)
-        elif attn_impl == "sdpa_float32":  # half inputs where the device emulates half arithmetic
+        else:  # "sdpa_float32": half inputs where the device emulates half arithmetic
+            up = attn_impl == "sdpa_float32"
             y = F.scaled_dot_product_attention(
-                q.float(), k.float(), v.float(), attn_mask=attn_mask, is_causal=attn_mask is None,
-                enable_gqa=self.num_kv_heads != self.num_heads).to(q.dtype)
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                enable_gqa=self.num_kv_heads != self.num_heads)
+                *((t.float() for t in (q, k, v)) if up else (q, k, v)), attn_mask=attn_mask,
+                is_causal=attn_mask is None, enable_gqa=self.num_kv_heads != self.num_heads)
+            y = y.to(q.dtype) if up else y
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

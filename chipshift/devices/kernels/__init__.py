@@ -1,6 +1,6 @@
 """Small native kernels for devices whose PyTorch build lacks a fast path we need.
 
-Today one: `bf16_linear`, a bfloat16-weight linear for x86 CPUs with AVX2 and FMA but no
+Today a bfloat16-weight linear (`bf16_linear`, `bf16_linear_many`) and RMSNorm for x86 CPUs with AVX2 and FMA but no
 bfloat16 arithmetic (see bf16_linear.c for why). It is plain C compiled on first use with
 the system's C compiler into a per-user cache, loaded through ctypes after torch (so it
 shares torch's OpenMP runtime), and absent, with the reason kept, when there is no
@@ -88,7 +88,8 @@ def bf16_linear_status() -> str | None:
 def bf16_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for bfloat16 x (..., K), w (N, K) and b (N,) on the CPU: float32 arithmetic,
     the output rounded to bfloat16 like torch's. Meant for few rows (decode); raises
-    Unavailable where the kernel cannot be built."""
+    Unavailable where the kernel cannot be built. (`bf16_linear_many` with one matrix,
+    without building its pointer arrays: this runs several times per layer and token.)"""
     fn = _library().bf16_linear
     N, K = w.shape
     x2 = x.reshape(-1, K).contiguous()
@@ -140,11 +141,15 @@ def bf16_linear_many(x: torch.Tensor, weights: list[torch.Tensor],
 KERNEL_MAX_ROWS = 16
 
 
+def _few_rows(x: torch.Tensor) -> bool:
+    return x.numel() // x.shape[-1] <= KERNEL_MAX_ROWS
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """A bfloat16 linear computed as a native bfloat16 device would (bfloat16 operands,
     float32 accumulation, bfloat16 output) at float32 speed: few rows through
     `bf16_linear`, many as a float32 GEMM on the widened operands."""
-    if x.numel() // x.shape[-1] <= KERNEL_MAX_ROWS:
+    if _few_rows(x):
         return bf16_linear(x, w, b)
     return F.linear(x.float(), w.float(), None if b is None else b.float()).to(torch.bfloat16)
 
@@ -154,13 +159,13 @@ def _kernel_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _norm_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if x.dtype == torch.bfloat16 and module.weight.dtype == torch.bfloat16 and x.numel() // x.shape[-1] <= KERNEL_MAX_ROWS:
+    if x.dtype == torch.bfloat16 and module.weight.dtype == torch.bfloat16 and _few_rows(x):
         return bf16_rms_norm(x, module.weight, module.eps)
     return type(module).forward(module, x)
 
 
 def _joint(linears: tuple[nn.Linear, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    if x.numel() // x.shape[-1] <= KERNEL_MAX_ROWS and all(m.weight.dtype == torch.bfloat16 for m in linears):
+    if _few_rows(x) and all(m.weight.dtype == torch.bfloat16 for m in linears):
         return tuple(bf16_linear_many(x, [m.weight for m in linears], [m.bias for m in linears]))
     return tuple(m(x) for m in linears)
 
