@@ -33,6 +33,47 @@ def test_matches_bf16_arithmetic(rows, n, k):
     assert torch.allclose(kernels.bf16_linear(x, w).float(), F.linear(x, w).float(), rtol=2 ** -7, atol=1e-2)
 
 
+@pytest.mark.parametrize("rows", [2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 15, 16, 17, 33])
+@pytest.mark.parametrize("n,k", [(13, 8), (25, 29), (7, 300), (49, 136), (30, 1536)])
+def test_every_row_count_and_ragged_shapes(rows, n, k):
+    """Every path: 2..4 rows (dot products), 5..8 and 9..16 rows (column tiles with 8 or
+    16 lanes), several chunks of 16 rows; N not a multiple of the tile widths (6, 4), K not
+    a multiple of 16 or of the 128-k blocking, or shorter than 16."""
+    g = torch.Generator().manual_seed(rows * 7919 + n * 31 + k)
+    x, w, b = (torch.randn(*s, generator=g).to(torch.bfloat16) for s in ((rows, k), (n, k), (n,)))
+    for bias in (None, b):
+        got, want = kernels.bf16_linear(x, w, bias), reference(x, w, bias)
+        ulp = want.float().abs().clamp_min(1e-3) * 2 ** -7
+        assert ((got.float() - want.float()).abs() <= ulp).all()
+
+
+@pytest.mark.parametrize("rows", [2, 4, 8, 16])
+def test_rounding_ties_and_special_values_with_several_rows(rows):
+    """The rounding of each path (the column tiles round 8 outputs at once): exact sums that
+    fall halfway between two bfloat16 values go to the even one, infinities and NaN survive."""
+    k, n = 16, 4
+    w = torch.zeros(n, k, dtype=torch.bfloat16)
+    w[:, 0] = 1.0
+    w[:, 1] = 1.0  # y = x[:, 0] + x[:, 1] for every column
+    pairs = [(1.0, 2 ** -8), (1.0078125, 2 ** -8), (-1.0, -(2 ** -8)), (3.0e38, 3.0e38),
+             (float("inf"), 1.0), (float("nan"), 1.0), (-2.5e-38, 0.0), (0.0, -0.0),
+             (1.5, 2 ** -9), (-1.0078125, -(2 ** -8)), (2.0, 2 ** -7), (7.0, 2 ** -6),
+             (1.0, 2 ** -8 + 2 ** -14), (0.5, -(2 ** -10)), (float("-inf"), -1.0), (65504.0, 128.0)]
+    x = torch.zeros(rows, k, dtype=torch.bfloat16)
+    for r in range(rows):
+        x[r, 0], x[r, 1] = pairs[r]
+    got = kernels.bf16_linear(x, w)
+    want = (x[:, 0].float() + x[:, 1].float()).to(torch.bfloat16)  # exact in float32, one rounding
+    for j in range(n):
+        assert torch.equal(got[:, j].isnan(), want.isnan())
+        ok = ~want.isnan()
+        assert torch.equal(got[:, j][ok], want[ok])
+    b = torch.full((n,), 2 ** -8, dtype=torch.bfloat16)  # the bias joins the sum before rounding
+    ones = torch.zeros(rows, k, dtype=torch.bfloat16)
+    ones[:, 0] = 1.0
+    assert (kernels.bf16_linear(ones, w, b).float() == 1.0).all()  # 1 + 2^-8: a tie, to even
+
+
 def test_leading_dims_and_special_values():
     w = torch.eye(16, dtype=torch.bfloat16)
     x = torch.tensor([1.0, -0.0, 3.0e38, -2.5e-38] + [0.5] * 12).to(torch.bfloat16)
@@ -58,7 +99,7 @@ def test_engine_twin_shares_weights_and_leaves_the_model_alone():
         assert torch.allclose(twin(ids).float(), model(ids).float(), rtol=0.05, atol=0.05)
 
 
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows", [1, 3, 5, 8, 16])
 def test_many_matrices_in_one_call(rows):
     """q/k/v or gate/up in one pass: each output as if computed alone."""
     g = torch.Generator().manual_seed(rows)

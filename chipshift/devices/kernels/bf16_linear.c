@@ -4,25 +4,33 @@
    CPUs without AVX512-BF16 or AMX have no bfloat16 arithmetic, and PyTorch's bfloat16
    linear on them runs at a few GFLOP/s whatever the batch. Decoding reads every weight once
    per step for a handful of rows, so the work is dominated by moving weight bytes: this
-   kernel streams each bfloat16 weight row once, widens it to float32 in registers (a
-   bfloat16 is the top half of a float32) and multiplies it into every row of x with fused
-   multiply-adds. The numbers are those of a native bfloat16 GEMM (exact products, float32
+   kernel streams the bfloat16 weights once, widens them to float32 (a bfloat16 is the top
+   half of a float32) and multiplies them into every row of x with fused multiply-adds. The numbers are those of a native bfloat16 GEMM (exact products, float32
    accumulation, one rounding to bfloat16 at the end, to nearest even); only the summation
    order differs.
 
-   Two paths. A single row (decode at batch 1) is bound by memory: each weight row is read
-   as one sequential stream, widened and multiplied with four accumulators, rows split
-   between threads, which keeps the hardware prefetchers streaming. Several rows are bound
-   by arithmetic: each block of eight weight rows is widened once into a float32 buffer that
-   stays in cache, and register tiles of 2 rows of x by 4 weight rows reuse every load. The
-   two paths sum in different orders, so a row's last bit may depend on whether it was alone.
-   Threads split the weight rows (OpenMP; loaded into a process that already holds
-   PyTorch's libgomp, so one runtime serves both). */
+   Two paths; both split the weight rows between threads (OpenMP; loaded into a process
+   that already holds PyTorch's libgomp, so one runtime serves both).
+   Up to six rows: each weight row is read as one sequential stream, which keeps the
+   hardware prefetchers streaming, widened 8 at a time in registers and multiplied into
+   every row with two or four accumulators per row, summed across the vector at the end.
+   With one to four rows this is bound by memory.
+   Seven rows or more are bound by arithmetic, and there the rows of x become the vector
+   lanes instead: x is transposed once per call, a register tile of 6 weight rows x 2
+   vectors of x (16 rows, or 8 rows x a pair of k) broadcasts each weight once into two
+   fused multiply-adds, with no widening and no horizontal sum in the inner loop, and the
+   sums come out one vector per output column, rounded together. Each tile's weights are
+   first widened, 128 k at a time, into a float32 buffer in L1, and the next tile's are
+   prefetched meanwhile: 6 rows read side by side are not streams the hardware prefetchers
+   follow.
+   The paths sum in different orders, so a row's last bit may depend on how many rows came
+   with it. */
 
 #include <immintrin.h>
 #include <stdint.h>
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 static inline __m256 widen8(const uint16_t *p) {
     __m128i h = _mm_loadu_si128((const __m128i *)p);
@@ -40,6 +48,15 @@ static inline uint16_t round1(float f) { /* to nearest even, like torch's float 
     return (uint16_t)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
 }
 
+/* round1 on eight lanes, each bfloat16 in the low half of its 32 bits */
+static inline __m256i round8(__m256 v) {
+    __m256i u = _mm256_castps_si256(v), one = _mm256_set1_epi32(1);
+    __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
+                                 _mm256_and_si256(_mm256_srli_epi32(u, 16), one));
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(_mm256_srli_epi32(r, 16), _mm256_set1_epi32(0x7fc0), nan);
+}
+
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -54,68 +71,165 @@ typedef struct {
     int64_t M, N, K;
 } problem;
 
-static inline void finish(const problem *p, __m256 acc, int64_t m, int64_t n, int64_t k) {
-    float s = hsum(acc);
+static inline void finish(const problem *p, float s, int64_t m, int64_t n, int64_t k) {
     for (; k < p->K; k++) s += p->x[m * p->K + k] * widen1(p->w[n * p->K + k]);
     if (p->b) s += widen1(p->b[n]);
     p->y[m * p->N + n] = round1(s);
 }
 
-/* Two rows of x (m, m+1) against four float32 weight rows at wf (row stride K; already
-   widened), whose rows are n..n+3 of w. */
-static void tile_2x4(const problem *p, const float *wf, int64_t m, int64_t n) {
-    const int64_t K = p->K;
-    const float *x0 = p->x + m * K, *x1 = x0 + K;
-    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
-    __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
-        __m256 u = _mm256_loadu_ps(x0 + k), v = _mm256_loadu_ps(x1 + k), b;
-        b = _mm256_loadu_ps(wf + k);         a00 = _mm256_fmadd_ps(u, b, a00); a10 = _mm256_fmadd_ps(v, b, a10);
-        b = _mm256_loadu_ps(wf + K + k);     a01 = _mm256_fmadd_ps(u, b, a01); a11 = _mm256_fmadd_ps(v, b, a11);
-        b = _mm256_loadu_ps(wf + 2 * K + k); a02 = _mm256_fmadd_ps(u, b, a02); a12 = _mm256_fmadd_ps(v, b, a12);
-        b = _mm256_loadu_ps(wf + 3 * K + k); a03 = _mm256_fmadd_ps(u, b, a03); a13 = _mm256_fmadd_ps(v, b, a13);
-    }
-    finish(p, a00, m, n, k); finish(p, a01, m, n + 1, k); finish(p, a02, m, n + 2, k); finish(p, a03, m, n + 3, k);
-    finish(p, a10, m + 1, n, k); finish(p, a11, m + 1, n + 1, k);
-    finish(p, a12, m + 1, n + 2, k); finish(p, a13, m + 1, n + 3, k);
-}
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
 
-/* The odd row left over when there are several: `count` (<= 8) widened weight rows at wf. */
-static void tile_1xn(const problem *p, const float *wf, int64_t m, int64_t n, int count) {
+/* R (1..6) rows of x against weight rows n..n+count-1, each weight row one sequential stream,
+   widened 8 at a time and multiplied into every row: 4 accumulators per row with one row,
+   2 with more (fewer would wait on the FMA latency). */
+ALWAYS_INLINE void rows_dot(const problem *p, int64_t n, int count, const int R) {
+    const int U = R == 1 ? 4 : 2;
     const int64_t K = p->K;
-    const float *x0 = p->x + m * K;
-    __m256 acc[8];
-    for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
-        __m256 u = _mm256_loadu_ps(x0 + k);
-        for (int j = 0; j < count; j++) {
-            acc[j] = _mm256_fmadd_ps(u, _mm256_loadu_ps(wf + j * K + k), acc[j]);
-        }
-    }
-    for (int j = 0; j < count; j++) finish(p, acc[j], m, n + j, k);
-}
-
-
-/* One row of x against weight rows n..n+count-1, each row one sequential stream read with
-   four accumulators (a single one would wait on the FMA latency). */
-static void row_dot(const problem *p, int64_t m, int64_t n, int count) {
-    const int64_t K = p->K;
-    const float *x0 = p->x + m * K;
+    const float *x = p->x;
     for (int j = 0; j < count; j++) {
         const uint16_t *w = p->w + (n + j) * K;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        __m256 acc[6][4];
+        for (int r = 0; r < R; r++)
+            for (int u = 0; u < U; u++) acc[r][u] = _mm256_setzero_ps();
         int64_t k = 0;
-        for (; k + 32 <= K; k += 32) {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k), widen8(w + k), a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k + 8), widen8(w + k + 8), a1);
-            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k + 16), widen8(w + k + 16), a2);
-            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k + 24), widen8(w + k + 24), a3);
+        for (; k + 8 * U <= K; k += 8 * U)
+            for (int u = 0; u < U; u++) {
+                __m256 b = widen8(w + k + 8 * u);
+                for (int r = 0; r < R; r++) acc[r][u] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + k + 8 * u), b, acc[r][u]);
+            }
+        for (; k + 8 <= K; k += 8) {
+            __m256 b = widen8(w + k);
+            for (int r = 0; r < R; r++) acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + k), b, acc[r][0]);
         }
-        for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k), widen8(w + k), a0);
-        finish(p, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)), m, n + j, k);
+        for (int r = 0; r < R; r++) {
+            __m256 s = U == 4 ? _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3]))
+                              : _mm256_add_ps(acc[r][0], acc[r][1]);
+            finish(p, hsum(s), r, n + j, k);
+        }
     }
+}
+
+static void dot_block(const problem *p, int64_t n, int count) {
+    switch (p->M) {
+    case 1: rows_dot(p, n, count, 1); break;
+    case 2: rows_dot(p, n, count, 2); break;
+    case 3: rows_dot(p, n, count, 3); break;
+    case 4: rows_dot(p, n, count, 4); break;
+    case 5: rows_dot(p, n, count, 5); break;
+    default: rows_dot(p, n, count, 6); break;
+    }
+}
+
+/* Seven rows or more: a chunk of up to 16 rows of x, transposed for the column tiles below,
+   padded with zero rows to `lanes` = 8 or 16. With 16 lanes a vector holds x[0..7][k] or
+   x[8..15][k]; with 8 it holds x[0..3][k, k+1] or x[4..7][k, k+1] (pairs of k, so that
+   one broadcast pair of weights serves two vectors). k runs to k_end, K rounded down to
+   16, in the order of slot(); finish() adds the k beyond. */
+typedef struct {
+    float *xt;
+    int64_t row, rows, k_end;
+    int lanes;
+} chunk;
+
+#define KC 128 /* k per block of the widened weights: 6 rows x KC float32 stay in L1 */
+
+/* Widening 16 bfloat16 at once (two in-lane unpacks with zeros) leaves them in the order
+   k 0-3, 8-11, 4-7, 12-15: where k lands in its block of 16. x is transposed to match. */
+static inline int slot(int k) { return k >= 4 && k < 8 ? k + 4 : k >= 8 && k < 12 ? k - 4 : k; }
+
+/* The hardware prefetchers do not follow a tile's rows as streams: ask for the next tile's
+   rows (the `cols` after these; they follow in memory) while this one computes, spread over
+   its K loop. At k, a multiple of 8: a quarter of those rows, the cache line holding k. */
+ALWAYS_INLINE void prefetch_next(const uint16_t *w, int64_t K, const int cols, int64_t k) {
+    for (int i = (int)(k / 8) % 4; i < cols; i += 4)
+        _mm_prefetch((const char *)(w + (cols + i) * K + k / 32 * 32), _MM_HINT_T0);
+}
+
+/* The chunk's rows against weight rows n..n+cols-1, a register tile of cols x 2 vector
+   accumulators. KC k at a time, the tile's weights are widened into a float32 buffer in
+   L1; each step then broadcasts one of them (16 lanes) or a pair (8 lanes) and multiplies
+   it into two vectors of x: one load per two fused multiply-adds, no horizontal sums. */
+ALWAYS_INLINE void col_tile(const problem *p, const chunk *c, int64_t n, const int cols, const int lanes) {
+    const int G = lanes == 16 ? 1 : 2; /* k per lane group */
+    const int64_t K = p->K, k_end = c->k_end;
+    const uint16_t *w = p->w + n * K;
+    __m256 acc[6][2];
+    for (int i = 0; i < cols; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    float wf[6 * KC] __attribute__((aligned(32)));
+    for (int64_t k0 = 0; k0 < k_end; k0 += KC) {
+        const int64_t kc = k_end - k0 < KC ? k_end - k0 : KC;
+        for (int i = 0; i < cols; i++)
+            for (int64_t k = 0; k < kc; k += 16) {
+                __m256i h = _mm256_loadu_si256((const __m256i *)(w + i * K + k0 + k)), zero = _mm256_setzero_si256();
+                _mm256_store_si256((__m256i *)(wf + i * KC + k), _mm256_unpacklo_epi16(zero, h));
+                _mm256_store_si256((__m256i *)(wf + i * KC + k + 8), _mm256_unpackhi_epi16(zero, h));
+            }
+        __m256 a[6][2]; /* a copy that GCC keeps in registers through the loop */
+        for (int i = 0; i < cols; i++) a[i][0] = acc[i][0], a[i][1] = acc[i][1];
+        for (int64_t kb = 0; kb < kc; kb += 8) {
+            prefetch_next(w, K, cols, k0 + kb);
+#pragma GCC unroll 1 /* unrolled, GCC runs out of registers */
+            for (int64_t k = kb; k < kb + 8; k += G) {
+                const float *xk = c->xt + (k0 + k) * lanes;
+                __m256 x0 = _mm256_loadu_ps(xk), x1 = _mm256_loadu_ps(xk + 8);
+#pragma GCC unroll 6
+                for (int i = 0; i < cols; i++) {
+                    __m256 b = G == 1 ? _mm256_broadcast_ss(wf + i * KC + k)
+                                      : _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(wf + i * KC + k)));
+                    a[i][0] = _mm256_fmadd_ps(x0, b, a[i][0]);
+                    a[i][1] = _mm256_fmadd_ps(x1, b, a[i][1]);
+                }
+            }
+        }
+        for (int i = 0; i < cols; i++) acc[i][0] = a[i][0], acc[i][1] = a[i][1];
+    }
+    for (int i = 0; i < cols; i++) {
+        __m256 lo = acc[i][0], hi = acc[i][1]; /* rows 0..7 and 8..15 */
+        if (G == 2) { /* the pairs of lanes (k, k+1) of rows 0..3 and 4..7 */
+            lo = _mm256_hadd_ps(acc[i][0], acc[i][1]); /* rows 0 1 4 5 2 3 6 7 */
+            lo = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(lo), 0xd8));
+        }
+        if (k_end == K) { /* all of K done: the column's rows rounded together */
+            __m256 bias = _mm256_set1_ps(p->b ? widen1(p->b[n + i]) : 0.0f);
+            uint32_t out[16];
+            _mm256_storeu_si256((__m256i *)out, round8(_mm256_add_ps(lo, bias)));
+            if (lanes == 16) _mm256_storeu_si256((__m256i *)(out + 8), round8(_mm256_add_ps(hi, bias)));
+            for (int64_t r = 0; r < c->rows; r++) p->y[(c->row + r) * p->N + n + i] = (uint16_t)out[r];
+        } else {
+            float out[16];
+            _mm256_storeu_ps(out, lo);
+            if (lanes == 16) _mm256_storeu_ps(out + 8, hi);
+            for (int64_t r = 0; r < c->rows; r++) finish(p, out[r], c->row + r, n + i, k_end);
+        }
+    }
+}
+
+/* Weight rows n..n+count-1 against every chunk: tiles of 6 columns, then narrower ones. */
+ALWAYS_INLINE void col_rows(const problem *p, const chunk *c, int64_t n, int count, const int lanes) {
+    for (; count >= 6; count -= 6, n += 6) col_tile(p, c, n, 6, lanes);
+    for (; count >= 4; count -= 4, n += 4) col_tile(p, c, n, 4, lanes);
+    for (; count >= 1; count -= 1, n += 1) col_tile(p, c, n, 1, lanes);
+}
+
+static void col_block(const problem *p, const chunk *chunks, int nchunks, int64_t n, int count) {
+    for (int i = 0; i < nchunks; i++) {
+        if (chunks[i].lanes == 16)
+            col_rows(p, chunks + i, n, count, 16);
+        else
+            col_rows(p, chunks + i, n, count, 8);
+    }
+}
+
+/* The chunk's rows of x (widened: xf) in its layout, by blocks of 16 k (reading along
+   rows K apart would thrash the cache). */
+ALWAYS_INLINE void fill_chunk(chunk *c, const float *xf, int64_t K, const int lanes) {
+    const int G = lanes == 16 ? 1 : 2;
+    if (c->rows < lanes) memset(c->xt, 0, sizeof(float) * (size_t)(lanes * c->k_end));
+    for (int64_t kb = 0; kb < c->k_end; kb += 16)
+        for (int64_t r = 0; r < c->rows; r++)
+            for (int k = 0; k < 16; k += G)
+                for (int g = 0; g < G; g++)
+                    c->xt[(kb + slot(k)) * lanes + r * G + g] = xf[(c->row + r) * K + kb + k + g];
 }
 
 /* y_i = x @ w_i.T (+ b_i) for `count` matrices sharing x and K (q/k/v, gate/up): one pass
@@ -124,38 +238,44 @@ void bf16_linear_many(const uint16_t *x, int count, const uint16_t *const *w, co
                       uint16_t *const *y, const int64_t *N, int64_t M, int64_t K, int threads) {
     float *xf = malloc(sizeof(float) * (size_t)(M * K));
     for (int64_t i = 0; i < M * K; i++) xf[i] = widen1(x[i]);
+    /* rows of x in chunks of 16, each transposed (see `chunk`) */
+    int nchunks = M > 6 ? (int)((M + 15) / 16) : 0;
+    chunk *chunks = malloc(sizeof(chunk) * (size_t)(nchunks + 1));
+    float *xt = nchunks ? malloc(sizeof(float) * (size_t)(16 * K * nchunks)) : NULL;
+    for (int i = 0; i < nchunks; i++) {
+        chunk *c = chunks + i;
+        c->row = 16 * (int64_t)i;
+        c->rows = M - c->row < 16 ? M - c->row : 16;
+        c->lanes = c->rows > 8 ? 16 : 8;
+        c->xt = xt + 16 * K * i;
+        c->k_end = K / 16 * 16;
+        if (c->lanes == 16)
+            fill_chunk(c, xf, K, 16);
+        else
+            fill_chunk(c, xf, K, 8);
+    }
+    /* weight rows go to threads in blocks of 8 (dot products) or of a register tile (6) */
+    const int64_t block = M > 6 ? 6 : 8;
     int64_t total = 0, first[9];
-    for (int i = 0; i < count; i++) { first[i] = total; total += (N[i] + 7) / 8; }
+    for (int i = 0; i < count; i++) { first[i] = total; total += (N[i] + block - 1) / block; }
     first[count] = total;
     int64_t elements = 0;
     for (int i = 0; i < count; i++) elements += N[i] * K;
     /* a small matrix is not worth waking the other threads for */
-#pragma omp parallel num_threads(elements >= (1 << 18) ? threads : 1)
-    {
-        /* with several rows, each block of eight weight rows is widened once into this
-           buffer (it stays in L1/L2) and every row of x reads it from there */
-        float *wf = M > 1 ? malloc(sizeof(float) * (size_t)(8 * K)) : NULL;
-#pragma omp for schedule(static)
-        for (int64_t g = 0; g < total; g++) {
-            int i = 0;
-            while (g >= first[i + 1]) i++;
-            problem p = {xf, w[i], b ? b[i] : NULL, y[i], M, N[i], K};
-            int64_t n = (g - first[i]) * 8;
-            int rows = (int)(N[i] - n < 8 ? N[i] - n : 8);
-            if (wf)
-                for (int j = 0; j < rows; j++)
-                    for (int64_t k = 0; k + 8 <= K; k += 8)
-                        _mm256_storeu_ps(wf + j * K + k, widen8(p.w + (n + j) * K + k));
-            int64_t m = 0;
-            if (wf && rows == 8)
-                for (; m + 2 <= M; m += 2) { tile_2x4(&p, wf, m, n); tile_2x4(&p, wf + 4 * K, m, n + 4); }
-            if (wf)
-                for (; m < M; m++) tile_1xn(&p, wf, m, n, rows);
-            else
-                row_dot(&p, 0, n, rows);
-        }
-        free(wf);
+#pragma omp parallel for schedule(static) num_threads(elements >= (1 << 18) ? threads : 1)
+    for (int64_t g = 0; g < total; g++) {
+        int i = 0;
+        while (g >= first[i + 1]) i++;
+        problem p = {xf, w[i], b ? b[i] : NULL, y[i], M, N[i], K};
+        int64_t n = (g - first[i]) * block;
+        int rows = (int)(N[i] - n < block ? N[i] - n : block);
+        if (M <= 6)
+            dot_block(&p, n, rows);
+        else
+            col_block(&p, chunks, nchunks, n, rows);
     }
+    free(xt);
+    free(chunks);
     free(xf);
 }
 
