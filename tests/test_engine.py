@@ -1,6 +1,8 @@
 """The inference engine against the naive reference generator, token for token, plus its
 sampling, stop rules and continuous batching."""
 
+import threading
+
 import pytest
 import torch
 
@@ -171,6 +173,34 @@ def test_background_thread_serves_submissions(reference):
     finally:
         engine.stop()
     assert outs == [w[:budget(0)] for w in want[:3]]
+
+
+def test_run_in_the_calling_thread_until_told_and_abort_answers_everyone(reference):
+    """`chipshift serve` runs the scheduler on its main thread (Engine.run) while another
+    thread submits; `until` ends the loop, `abort` ends what is left with an error."""
+    model, want = reference
+    engine = Engine(model, max_batch=1)
+    started, done = threading.Event(), threading.Event()
+    results = {}
+
+    def client():
+        started.wait()
+        results["outs"] = engine.generate(PROMPTS[:2], greedy(budget(0)))
+        done.set()
+
+    threading.Thread(target=client, daemon=True).start()
+    engine.run(until=lambda: started.set() or done.is_set())
+    assert results["outs"] == [w[:budget(0)] for w in want[:2]]
+    # stop() from another thread ends an idle run() too
+    threading.Timer(0.2, engine.stop).start()
+    engine.run()
+    running = engine.submit(Request(PROMPTS[0], greedy(20)))
+    waiting = engine.submit(Request(PROMPTS[1], greedy(20)))
+    engine.step()
+    engine.abort("shutting down")
+    for req in (running, waiting):
+        assert req.done.is_set() and req.finish_reason == "error" and req.error == "shutting down"
+    assert engine.num_active == 0 and not engine.waiting
 
 
 def test_requests_that_cannot_fit_are_refused():

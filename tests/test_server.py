@@ -264,3 +264,46 @@ def test_serve_refuses_a_checkpoint_whose_last_handoff_failed(tmp_path, tiny_tok
     assert proc.returncode == 2
     assert "handoff" in proc.stderr and "layers.1.mlp" in proc.stderr and "--force" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_sigterm_ends_streams_and_exits_cleanly_and_a_taken_port_is_one_line(tmp_path, tiny_tokenizer_dir):
+    """The scheduler owns the main thread (HTTP runs on a second one): SIGTERM must still stop
+    the server, answer a stream in flight instead of leaving it hanging, and exit 0; a port
+    that is taken is reported in one line with exit status 2."""
+    import os
+    import signal
+
+    from infer_helpers import free_port
+
+    ckpt = make_checkpoint(tiny_tokenizer_dir, tmp_path / "tiny-chat", chatty=True)
+    port = free_port()
+    cmd = [sys.executable, "-m", "chipshift", "serve", str(ckpt), "--port", str(port), "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+        second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)  # same port
+        assert second.returncode == 2 and f"could not serve on 127.0.0.1:{port}" in second.stderr
+        assert "Traceback" not in second.stderr
+        body = {"model": "tiny-chat", "prompt": "hello", "max_tokens": 100, "stream": True,
+                "ignore_eos": True}
+        lines = []
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                lines.append(line)
+                if len(lines) == 3:
+                    proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert lines[-1] == "data: [DONE]" or any("shutting down" in line for line in lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

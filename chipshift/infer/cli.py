@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from chipshift.errors import ChipshiftError
@@ -73,14 +75,30 @@ def serve(args) -> int:
     engine = _load(args)
     name = args.model_name or Path(args.checkpoint).resolve().name
     app = create_app(engine, name, api_key=args.api_key)
-    engine.start()
+    # HTTP on a second thread, the engine's scheduler on this (main) one: see Engine.run
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5))
+    http = threading.Thread(target=server.run, name="chipshift-http", daemon=True)
+    http.start()
     print(f"chipshift: serving '{name}' on http://{args.host}:{args.port}"
           f"{' (API key required)' if args.api_key else ''}", file=sys.stderr, flush=True)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        engine.run(until=lambda: not http.is_alive())
+    except KeyboardInterrupt:
+        pass
     finally:
-        engine.stop()
+        signal.signal(signal.SIGTERM, previous)
+        engine.abort("the server is shutting down")
+        server.should_exit = True
+        http.join(timeout=10)
+    if not server.started:
+        raise ChipshiftError(f"could not serve on {args.host}:{args.port} (see the message above)")
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def chat(args) -> int:

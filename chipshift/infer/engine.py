@@ -121,6 +121,7 @@ class Engine:
         self.stats = EngineStats()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._running = False  # a scheduler loop (`run`) is stepping the engine
         self._stopping = False
 
     # -- loading -----------------------------------------------------------------------
@@ -171,7 +172,7 @@ class Engine:
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Generate for several prompts at once (continuous batching); new token ids per prompt."""
         requests = [self.submit(Request(list(p), SamplingParams(**vars(params)))) for p in prompts]
-        if self._thread is None:
+        if not self._running:  # no scheduler loop (`run`, `start`): step here
             while not all(r.done.is_set() for r in requests):
                 self.step()
         for r in requests:
@@ -185,28 +186,52 @@ class Engine:
         return sum(r is not None for r in self.slots)
 
     def start(self) -> None:
-        """Run the scheduler in a background thread (for the server and the chat)."""
+        """Run the scheduler in a background thread (for the chat and tests). A server
+        should rather call `run` on its main thread; see there."""
         if self._thread is None:
             self._stopping = False
-            self._thread = threading.Thread(target=self._loop, name="chipshift-engine", daemon=True)
+            self._running = True  # from now, not once the thread gets going: see generate()
+            self._thread = threading.Thread(target=self.run, name="chipshift-engine", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
+        """Ask `run` to return (from any thread) and wait for a background scheduler."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
         if self._thread is not None:
-            with self._cv:
-                self._stopping = True
-                self._cv.notify()
             self._thread.join()
             self._thread = None
 
     # -- scheduler ---------------------------------------------------------------------
-    def _loop(self) -> None:
+    def run(self, until: Callable[[], bool] | None = None) -> None:
+        """The scheduler loop in the calling thread, until `stop()` is called or `until()`
+        (checked while idle and between steps) returns True.
+
+        `chipshift serve` runs this on the process's main thread and the HTTP server on a
+        second one. Compute libraries' thread pools serve the main thread best: on this
+        project's 2-core CPU a SmolLM2 decode step took 55 ms when started from a second
+        thread and 39 ms from the main one (libgomp gives each thread that starts parallel
+        regions its own team, and with more OpenMP threads than cores it stops keeping
+        the workers spinning between regions)."""
+        self._running = True
+        try:
+            self._run(until)
+        finally:
+            self._running = False
+
+    def _run(self, until: Callable[[], bool] | None) -> None:
         while True:
             with self._cv:
                 while not self._stopping and not self.waiting and not self.num_active:
-                    self._cv.wait()
+                    if until is not None and until():
+                        return
+                    self._cv.wait(timeout=None if until is None else 0.25)
                 if self._stopping:
+                    self._stopping = False
                     return
+            if until is not None and until():
+                return
             try:
                 self.step()
             except Exception as exc:  # fail what was running, keep serving the rest
@@ -235,6 +260,16 @@ class Engine:
             if req is not None:
                 req.error = message
                 self._finish(slot, "error")
+
+    def abort(self, message: str) -> None:
+        """End every request, running or waiting, with an error (a server shutting down):
+        their clients get an answer instead of waiting forever. Call when `run` has returned."""
+        self._fail_all(message)
+        with self._cv:
+            waiting, self.waiting = list(self.waiting), deque()
+        for req in waiting:
+            req.error = message
+            self._complete(req, "error")
 
     # -- prefill and decode ------------------------------------------------------------
     @torch.inference_mode()

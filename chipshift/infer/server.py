@@ -341,7 +341,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         queue: asyncio.Queue = asyncio.Queue()
 
         def on_update(req: Request, delta: str, finished: bool) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, (delta, finished))
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (delta, finished))
+            except RuntimeError:  # the event loop is gone: the server has stopped
+                pass
 
         req = Request(ids, params, on_update=on_update)
         try:
