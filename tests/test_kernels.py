@@ -127,3 +127,15 @@ def test_rms_norm_matches_the_model():
     # float32 sums in another order: the two roundings may each move one bfloat16 step
     assert ((got.float() - want.float()).abs() <= want.float().abs() * 2 ** -6 + 1e-6).all()
     assert (got == want).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("rows", [kernels.KERNEL_MAX_ROWS, kernels.KERNEL_MAX_ROWS + 1])
+def test_linear_on_either_side_of_the_kernel_row_limit(rows):
+    """`linear` sends up to KERNEL_MAX_ROWS rows (decode, short prefills) through the kernel
+    and more through torch's float32 GEMM on widened operands: both give bf16 arithmetic."""
+    g = torch.Generator().manual_seed(rows)
+    x, w, b = (torch.randn(*s, generator=g).to(torch.bfloat16) for s in ((rows, 96), (70, 96), (70,)))
+    got, want = kernels.linear(x, w, b), reference(x, w, b)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 70)
+    ulp = want.float().abs().clamp_min(1e-3) * 2 ** -7
+    assert ((got.float() - want.float()).abs() <= ulp).all()
