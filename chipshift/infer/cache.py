@@ -61,6 +61,6 @@ class _DecodeWriter:
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
         # advanced indices around a slice: the indexed shape is (rows, kv_heads, head_dim)
-        kc[self.row_index, :, self.positions] = k[:, :, 0]
-        vc[self.row_index, :, self.positions] = v[:, :, 0]
+        kc[self.row_index, :, self.positions] = k[:, :, 0].to(kc.dtype)
+        vc[self.row_index, :, self.positions] = v[:, :, 0].to(vc.dtype)
         return kc[:self.rows, :, :self.span], vc[:self.rows, :, :self.span]

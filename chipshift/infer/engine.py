@@ -93,7 +93,6 @@ class Engine:
         self.dtype_reason = dtype_name(self.dtype)  # from_checkpoint says why it was chosen
         self.max_batch = max_batch
         self.max_len = min(max_len or DEFAULT_MAX_LEN, self.cfg.max_seq_len)
-        self.cache = KVCache(self.cfg, max_batch, self.max_len, self.device, self.dtype)
         self.default_stop_ids = tuple(sorted(tokenizer.stop_ids())) if tokenizer is not None else ()
 
         dev, B, V = self.device, max_batch, self.cfg.vocab_size
@@ -115,6 +114,9 @@ class Engine:
         self.kernel_note = None
         if kernels and not compile:
             self.model, self.kernel_note = get_device(self.device.type).for_inference(self.model, self.dtype)
+        # the model may ask for another cache dtype (the CPU twin attends in float32)
+        self.cache = KVCache(self.cfg, max_batch, self.max_len, self.device,
+                             getattr(self.model, "kv_cache_dtype", None) or self.dtype)
         self._decode_logits = torch.compile(self._decode_forward, dynamic=False) if compile else self._decode_forward
 
         self.waiting: deque[Request] = deque()
@@ -143,7 +145,7 @@ class Engine:
     def describe(self) -> str:
         return (f"{self.cfg.num_params() / 1e6:.1f}M params on {self.device} in {dtype_name(self.dtype)}, "
                 f"{self.max_batch} slots x {self.max_len} tokens "
-                f"(KV cache {self.cache.nbytes / 2**20:.1f} MiB){', decode compiled' if self.compiled else ''}"
+                f"(KV cache {self.cache.nbytes / 2**20:.1f} MiB in {dtype_name(self.cache.k.dtype)}){', decode compiled' if self.compiled else ''}"
                 + (f"; {self.kernel_note}" if self.kernel_note else ""))
 
     # -- public API --------------------------------------------------------------------

@@ -165,6 +165,7 @@ class Transformer(nn.Module):
         with torch.device("cpu"):  # real values even when the model is built on meta
             self._inv_freq = rope_inv_freq(cfg)
         self.attn_impl = "sdpa"  # or "math", "sdpa_float32"; a runtime choice, not part of the checkpoint
+        self.kv_cache_dtype = None  # for the inference engine: None = the weights' dtype
         self.activation_checkpointing = False
 
     # -- weights -----------------------------------------------------------------------

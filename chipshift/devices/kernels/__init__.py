@@ -194,8 +194,12 @@ def for_inference(model: nn.Module) -> nn.Module:
             module.gate_up = functools.partial(_joint, (module.gate_proj, module.up_proj))
         if isinstance(module, RMSNorm):
             module.forward = functools.partial(_norm_forward, module)
-    # attention on float32 copies of q, k, v: torch's bfloat16 attention is emulated too
+    # attention on float32 copies of q, k, v: torch's bfloat16 attention is emulated too;
+    # the KV cache is held in float32 (the same bfloat16 values, exactly) so that each row's
+    # history is not widened again at every layer and step (~4 ms of a 60 ms SmolLM2 step
+    # at batch 8), at twice the cache memory
     twin.attn_impl = "sdpa_float32"
+    twin.kv_cache_dtype = torch.float32
     if hasattr(twin, "output_weight"):
         twin.logits = lambda hidden: linear(hidden, twin.output_weight)
     return twin
