@@ -267,6 +267,40 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+class _AuthAndCount:
+    """API-key check and request counting as plain ASGI middleware. (Starlette's
+    `@app.middleware("http")` passes every streamed chunk through an extra task and memory
+    stream: a cost per token per stream.)"""
+
+    COUNTED = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+
+    def __init__(self, app, api_key: str | None, public: set[str], metrics: "Metrics") -> None:
+        self.app, self.api_key, self.public, self.metrics = app, api_key, public, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if self.api_key is not None and path not in self.public:
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(),
+                                                                        self.api_key.encode()):
+                self.metrics.count(path if path.startswith("/v1/") else "other", 401)
+                response = error_response(401, "Incorrect API key provided. Send 'Authorization: Bearer <key>'.",
+                                          code="invalid_api_key")
+                return await response(scope, receive, send)
+        if path not in self.COUNTED:
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.count(path, message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
 def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                default_max_tokens: int = 256) -> FastAPI:
     """The FastAPI app; the caller starts the engine's scheduler thread."""
@@ -275,20 +309,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
     created = int(time.time())
     public = {"/health", "/"}
 
-    @app.middleware("http")
-    async def auth_and_count(request: HTTPRequest, call_next):
-        path = request.url.path
-        if api_key is not None and path not in public:
-            header = request.headers.get("authorization", "")
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-                metrics.count(path if path.startswith("/v1/") else "other", 401)
-                return error_response(401, "Incorrect API key provided. Send 'Authorization: Bearer <key>'.",
-                                      code="invalid_api_key")
-        response = await call_next(request)
-        if path in ("/v1/completions", "/v1/chat/completions", "/v1/models"):
-            metrics.count(path, response.status_code)
-        return response
+    app.add_middleware(_AuthAndCount, api_key=api_key, public=public, metrics=metrics)
 
     @app.exception_handler(APIError)
     async def on_api_error(request, exc: APIError):
