@@ -115,8 +115,7 @@ class Engine:
         if kernels and not compile:
             self.model, self.kernel_note = get_device(self.device.type).for_inference(self.model, self.dtype)
         # the model may ask for another cache dtype (the CPU twin attends in float32)
-        self.cache = KVCache(self.cfg, max_batch, self.max_len, self.device,
-                             getattr(self.model, "kv_cache_dtype", None) or self.dtype)
+        self.cache = KVCache(self.cfg, max_batch, self.max_len, self.device, self.model.kv_cache_dtype or self.dtype)
         self._decode_logits = torch.compile(self._decode_forward, dynamic=False) if compile else self._decode_forward
 
         self.waiting: deque[Request] = deque()
@@ -145,7 +144,8 @@ class Engine:
     def describe(self) -> str:
         return (f"{self.cfg.num_params() / 1e6:.1f}M params on {self.device} in {dtype_name(self.dtype)}, "
                 f"{self.max_batch} slots x {self.max_len} tokens "
-                f"(KV cache {self.cache.nbytes / 2**20:.1f} MiB in {dtype_name(self.cache.k.dtype)}){', decode compiled' if self.compiled else ''}"
+                f"(KV cache {self.cache.nbytes / 2**20:.1f} MiB in {dtype_name(self.cache.k.dtype)})"
+                f"{', decode compiled' if self.compiled else ''}"
                 + (f"; {self.kernel_note}" if self.kernel_note else ""))
 
     # -- public API --------------------------------------------------------------------

@@ -23,6 +23,7 @@ from importlib import resources
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chipshift.errors import ChipshiftError
@@ -282,7 +283,7 @@ class _AuthAndCount:
             return await self.app(scope, receive, send)
         path = scope["path"]
         if self.api_key is not None and path not in self.public:
-            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            header = Headers(scope=scope).get("authorization", "")
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(),
                                                                         self.api_key.encode()):
@@ -303,7 +304,7 @@ class _AuthAndCount:
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                default_max_tokens: int = 256) -> FastAPI:
-    """The FastAPI app; the caller starts the engine's scheduler thread."""
+    """The FastAPI app; the caller runs the engine's scheduler (`Engine.run` or `start`)."""
     app = FastAPI(title="chipshift", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = Metrics()
     created = int(time.time())

@@ -5,9 +5,9 @@
    linear on them runs at a few GFLOP/s whatever the batch. Decoding reads every weight once
    per step for a handful of rows, so the work is dominated by moving weight bytes: this
    kernel streams the bfloat16 weights once, widens them to float32 (a bfloat16 is the top
-   half of a float32) and multiplies them into every row of x with fused multiply-adds. The numbers are those of a native bfloat16 GEMM (exact products, float32
-   accumulation, one rounding to bfloat16 at the end, to nearest even); only the summation
-   order differs.
+   half of a float32) and multiplies them into every row of x with fused multiply-adds.
+   The numbers are those of a native bfloat16 GEMM (exact products, float32 accumulation,
+   one rounding to bfloat16 at the end, to nearest even); only the summation order differs.
 
    Two paths; both split the weight rows between threads (OpenMP; loaded into a process
    that already holds PyTorch's libgomp, so one runtime serves both).
