@@ -203,6 +203,28 @@ def test_run_in_the_calling_thread_until_told_and_abort_answers_everyone(referen
     assert engine.num_active == 0 and not engine.waiting
 
 
+def test_deliver_follows_every_prefill_and_step_with_its_updates_made(reference):
+    """A server hands a step's updates to its event loop in one go: `deliver` runs after each
+    prefill and each step, once all of that step's `on_update` calls were made."""
+    model, want = reference
+    engine = Engine(model, max_batch=2)
+    log = []
+    engine.deliver = lambda: log.append("deliver")
+    # without a tokenizer there is no text: on_update comes once, when a request finishes
+    reqs = [engine.submit(Request(p, greedy(3 + i), on_update=lambda r, d, f: log.append(r.id)))
+            for i, p in enumerate(PROMPTS[:2])]
+    engine.step()  # two prefills, then one decode step for both
+    assert log == ["deliver"] * 3
+    engine.step()  # the first request ends in this step, the second in the next
+    engine.step()
+    assert log[3:] == [reqs[0].id, "deliver", reqs[1].id, "deliver"]
+    assert [r.output_ids for r in reqs] == [want[0][:3], want[1][:4]]
+    engine.submit(Request(PROMPTS[0], greedy(5), on_update=lambda r, d, f: log.append(r.error)))
+    log.clear()
+    engine.abort("bye")  # a waiting request ends with an error: still delivered
+    assert log == ["deliver", "bye", "deliver"]
+
+
 def test_requests_that_cannot_fit_are_refused():
     engine = Engine(tiny(max_seq_len=32), max_batch=1)
     with pytest.raises(ChipshiftError, match="context"):

@@ -224,6 +224,51 @@ def _cancelled(url) -> int:
     return 0
 
 
+def test_relay_hands_a_step_over_in_one_wakeup_and_waits_for_it():
+    """The relay wakes the event loop once per engine step, returns once the loop has run
+    the woken streams, and never hangs when the loop is gone."""
+    import asyncio
+
+    from chipshift.infer.server import Relay
+
+    relay, got, wakeups = Relay(wait=5.0), [], []
+    loop = asyncio.new_event_loop()
+    queues = []
+
+    async def consume(q):
+        while True:
+            item = await q.get()
+            got.append(item)
+            if item[1]:
+                return
+
+    def serve():
+        asyncio.set_event_loop(loop)
+        queues.extend(asyncio.Queue() for _ in range(3))
+        tasks = [loop.create_task(consume(q)) for q in queues]
+        loop.run_until_complete(asyncio.gather(*tasks))
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    while len(queues) < 3:
+        time.sleep(0.01)
+    relay.loop = loop
+    push = relay._push
+    relay._push = lambda items: wakeups.append(len(items)) or push(items)
+    for step in range(3):
+        for q in queues:
+            relay.put(q, (f"t{step}", step == 2))
+        relay.deliver()
+        assert len(got) == 3 * (step + 1)  # the streams ran before deliver returned
+    assert wakeups == [3, 3, 3]
+    thread.join(5)
+    loop.close()
+    relay.put(queues[0], ("late", True))
+    t0 = time.monotonic()
+    relay.deliver()  # the loop is closed: returns at once
+    assert time.monotonic() - t0 < 1.0
+
+
 def test_metrics_are_prometheus_text(server):
     r = httpx.get(server + "/metrics", headers=AUTH)
     assert r.headers["content-type"].startswith("text/plain")

@@ -124,6 +124,10 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._running = False  # a scheduler loop (`run`) is stepping the engine
         self._stopping = False
+        # Called on the scheduler's thread once a prefill's or a decode step's `on_update`
+        # calls are all made, so that a server can hand them to its event loop in one go
+        # (see chipshift.infer.server.Relay).
+        self.deliver: Callable[[], None] | None = None
 
     # -- loading -----------------------------------------------------------------------
     @classmethod
@@ -254,14 +258,21 @@ class Engine:
                 self._complete(req, "cancelled")
                 continue
             self._prefill(free, req)
+            self._deliver()
         if self.num_active:
             self._decode()
+        self._deliver()
+
+    def _deliver(self) -> None:
+        if self.deliver is not None:
+            self.deliver()
 
     def _fail_all(self, message: str) -> None:
         for slot, req in enumerate(self.slots):
             if req is not None:
                 req.error = message
                 self._finish(slot, "error")
+        self._deliver()
 
     def abort(self, message: str) -> None:
         """End every request, running or waiting, with an error (a server shutting down):
@@ -272,6 +283,7 @@ class Engine:
         for req in waiting:
             req.error = message
             self._complete(req, "error")
+        self._deliver()
 
     # -- prefill and decode ------------------------------------------------------------
     @torch.inference_mode()

@@ -17,6 +17,7 @@ import asyncio
 import json
 import math
 import secrets
+import threading
 import time
 from importlib import resources
 
@@ -268,6 +269,49 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+class Relay:
+    """Carries the engine's token updates to the event loop: one wakeup per prefill or
+    decode step instead of one per token per stream.
+
+    The scheduler then waits (at most `wait` seconds) until the loop has pushed that
+    step's chunks to the sockets, so that the HTTP work runs between two steps rather than
+    during one: on a CPU, an HTTP thread woken in the middle of a step takes a core from the
+    compute threads, and the step waits for it. SmolLM2, 8 streaming clients on this
+    project's 2-core CPU: 116-126 tok/s aggregate with a wakeup per token, 124-157 with
+    one per step."""
+
+    def __init__(self, wait: float = 0.05) -> None:
+        self.wait = wait
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.pending: list[tuple[asyncio.Queue, tuple[str, bool]]] = []
+        self.lock = threading.Lock()
+        self.sent = threading.Event()
+
+    def put(self, queue: asyncio.Queue, item: tuple[str, bool]) -> None:
+        """Called by `on_update`, on the scheduler's thread."""
+        with self.lock:
+            self.pending.append((queue, item))
+
+    def deliver(self) -> None:
+        """`Engine.deliver`: hand the step's updates over, then wait for them to go out."""
+        with self.lock:
+            items, self.pending = self.pending, []
+        if not items or self.loop is None:
+            return
+        self.sent.clear()
+        try:
+            self.loop.call_soon_threadsafe(self._push, items)
+        except RuntimeError:  # the event loop is gone: the server has stopped
+            return
+        self.sent.wait(self.wait)
+
+    def _push(self, items) -> None:
+        for queue, item in items:
+            queue.put_nowait(item)
+        # the streams woken above run before this: by then their chunks are written
+        self.loop.call_soon(self.sent.set)
+
+
 class _AuthAndCount:
     """API-key check and request counting as plain ASGI middleware. (Starlette's
     `@app.middleware("http")` passes every streamed chunk through an extra task and memory
@@ -307,6 +351,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
     """The FastAPI app; the caller runs the engine's scheduler (`Engine.run` or `start`)."""
     app = FastAPI(title="chipshift", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = Metrics()
+    relay = Relay()
+    engine.deliver = relay.deliver
     created = int(time.time())
     public = {"/health", "/"}
 
@@ -359,14 +405,11 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         return await run(ids, params, stream, usage, chat=True)
 
     async def run(ids: list[int], params: SamplingParams, stream: bool, include_usage: bool, chat: bool):
-        loop = asyncio.get_running_loop()
+        relay.loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
         def on_update(req: Request, delta: str, finished: bool) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, (delta, finished))
-            except RuntimeError:  # the event loop is gone: the server has stopped
-                pass
+            relay.put(queue, (delta, finished))
 
         req = Request(ids, params, on_update=on_update)
         try:
