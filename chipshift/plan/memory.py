@@ -15,10 +15,10 @@ Activations are counted as the tensors autograd keeps for the backward pass of
 h hidden, A = heads * head_dim, K = kv_heads * head_dim, I = intermediate, H heads, S
 sequence length); tensors that share storage are counted once:
 
-    each of two RMSNorms: fp32 input copy, normalised value, output   4 h + 2 b h (+ 4)
+    each of two RMSNorms: input, output, fp32 1/rms per row          2 b h + 4
     q and k after RoPE, v                                             b (A + 2 K)
     attention output = o_proj input                                   b A
-    SwiGLU: gate, silu(gate), up, and their product                   4 b I
+    SwiGLU: gate, up, and silu(gate) * up                             3 b I
     fused attention kernel (sdpa / flash): log-sum-exp                4 H
     "math" attention instead: fp32 softmax probabilities              4 H S (+ b H S cast
                                                                       when b < 4)
@@ -67,8 +67,8 @@ def layer_activation_bytes(cfg: ModelConfig, seq_len: int, act_bytes: int, atten
     """Bytes autograd saves per token in one decoder layer (see the module docstring)."""
     h, I = cfg.hidden_size, cfg.intermediate_size
     A, K = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    norms = 2 * (4 * h + 4 + 2 * act_bytes * h)
-    matmul_inputs = (A + 2 * K + A + 4 * I) * act_bytes
+    norms = 2 * (2 * act_bytes * h + 4)
+    matmul_inputs = (A + 2 * K + A + 3 * I) * act_bytes
     if attention == "flash":
         kernel = cfg.num_heads * 4
     elif attention == "math":
@@ -89,7 +89,7 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, precision
     else:
         layers = cfg.num_layers * full_layer
     h, V = cfg.hidden_size, cfg.vocab_size
-    head_per_token = (4 * h + 4 + 2 * b * h) + b * h  # final norm, gradient of the hidden state
+    head_per_token = (2 * b * h + 4) + b * h  # final norm, gradient of the hidden state
     head_fixed = 4 * V * h + min(tokens, LOSS_CHUNK_ROWS) * V * (4 + (b if b < 4 else 0))
     return tokens * (layers + head_per_token) + head_fixed
 
