@@ -118,6 +118,19 @@ def test_dpo_loss_by_hand():
     assert loss2.item() == pytest.approx(math.log1p(math.exp(-4.0)), rel=1e-6)
 
 
+def test_pairs_that_differ_only_beyond_seq_len_are_dropped(tok):
+    """Cut to seq_len, a long reply and its truncated copy can become the same row: such a
+    pair teaches nothing and would count as a tie in the preference accuracy."""
+    long = " ".join(["word"] * 60)
+    record = {"prompt": CONVS[0][:-1], "chosen": long + " and the end.", "rejected": long}
+    pairs = [encode_preference(tok, preference_pair(record)) for _ in range(2)]
+    pairs[1] = encode_preference(tok, preference_pair({**record, "rejected": "No."}))
+    assert len(pairs[0][0]) > 40 and pairs[0][0] != pairs[0][1]
+    stream = PairRows(pairs, 40, tok.pad_id, shuffle=False)
+    assert stream.dropped == 1 and len(stream.pairs) == 1
+    assert PairRows(pairs, 4096, tok.pad_id, shuffle=False).dropped == 0
+
+
 def test_dpo_starts_at_log2_and_its_gradient_scales_with_beta(tok, model):
     pairs = [encode_preference(tok, preference_pair(
         {"prompt": c[:-1], "chosen": c[-1]["content"], "rejected": "No."})) for c in CONVS[:4]]

@@ -94,12 +94,16 @@ def _cut(ex: ChatExample, seq_len: int) -> ChatExample:
 
 class PairRows(_Indexed):
     """The DPO stream: a batch of `count` pairs is 2 * count rows (chosen rows first), right-
-    padded to the longest row in the batch, with `ref_logps` (2 * count,) when known."""
+    padded to the longest row in the batch, with `ref_logps` (2 * count,) when known.
+
+    Rows are cut to `seq_len`. A pair is dropped (counted in `dropped`) when a side keeps no
+    reply token, or when both sides are the same once cut: their difference lies beyond
+    `seq_len`, so the pair teaches nothing and would score as a tie."""
 
     def __init__(self, pairs: list[tuple[ChatExample, ChatExample]], seq_len: int, pad_id: int,
                  ref_logps: torch.Tensor | None = None, seed: int = 0, shuffle: bool = True) -> None:
         kept = [(_cut(c, seq_len), _cut(r, seq_len)) for c, r in pairs]
-        self.pairs = [(c, r) for c, r in kept if any(c.mask[1:]) and any(r.mask[1:])]
+        self.pairs = [(c, r) for c, r in kept if any(c.mask[1:]) and any(r.mask[1:]) and c != r]
         self.dropped = len(pairs) - len(self.pairs)
         super().__init__(len(self.pairs), seed, shuffle)
         self.seq_len, self.pad_id = seq_len, pad_id
