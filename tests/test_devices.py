@@ -218,3 +218,11 @@ def test_device_report_is_complete():
     row = devices.device_report(get_device("cpu"))
     assert set(row) >= {"type", "name", "count", "memory_gb", "working_dtypes", "collective", "catalogue",
                         "peak_tflops", "peak_source"}
+
+
+def test_a_bad_mmap_threshold_is_named(monkeypatch):
+    monkeypatch.setenv("CHIPSHIFT_MMAP_THRESHOLD", "1MB")
+    with pytest.raises(ChipshiftError, match="CHIPSHIFT_MMAP_THRESHOLD = '1MB': expected a whole number"):
+        devices.return_freed_host_memory()
+    monkeypatch.setenv("CHIPSHIFT_MMAP_THRESHOLD", "0")
+    assert devices.return_freed_host_memory() is False  # 0: glibc left alone

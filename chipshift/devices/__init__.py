@@ -31,7 +31,7 @@ from chipshift.devices.backends import (
     torch_namespace,
 )
 from chipshift.devices.catalogue import Chip, get_chip, load_catalogue, match_chip
-from chipshift.errors import DeviceError
+from chipshift.errors import ConfigError, DeviceError
 
 __all__ = [
     "BACKENDS", "Backend", "Chip", "Device", "DTYPES", "get_device", "get_chip",
@@ -80,9 +80,15 @@ def return_freed_host_memory(threshold: int = 1 << 20) -> bool:
     slower), so the trainer asks for this only for variable-shape batches. Memory the heap
     holds free at the call is returned too. $CHIPSHIFT_MMAP_THRESHOLD overrides the
     threshold (0: leave glibc alone). False where the C library is not glibc."""
+    value = os.environ.get("CHIPSHIFT_MMAP_THRESHOLD")
+    if value is not None:
+        try:
+            threshold = int(value)
+        except ValueError:
+            raise ConfigError(f"CHIPSHIFT_MMAP_THRESHOLD = {value!r}: expected a whole number of bytes "
+                              "(0 leaves glibc's malloc alone)") from None
     try:
         libc = ctypes.CDLL("libc.so.6")
-        threshold = int(os.environ.get("CHIPSHIFT_MMAP_THRESHOLD", threshold))
         if threshold <= 0:
             return False
         done = bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD; fixing it ends the sliding
