@@ -9,8 +9,8 @@ Sources (read from package files, never imported; see docs/data.md):
   of at most `CHITCHAT_WINDOW` messages that start with the user and end with the assistant.
 - `identity`: written here. Many phrasings of "who are you / what is your name / who made
   you" (English and Chinese) with answers that state both facts, the one asked for first:
-  the model is `IDENTITY_NAME`, made by `IDENTITY_MAKER`. Held-out phrasings never appear in training;
-  `identity_eval()` lists them with the key fact an answer must contain.
+  the model is `IDENTITY_NAME`, made by `IDENTITY_MAKER`. Held-out phrasings never appear
+  in training; `identity_eval()` lists them with the key fact an answer must contain.
 
 The held-out split is by hash, so it does not depend on order, limits or the other
 sources: chatterbot entries are hashed by their first question (the corpus repeats

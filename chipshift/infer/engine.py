@@ -127,7 +127,7 @@ class Engine:
         # Called on the scheduler's thread once a prefill's or a decode step's `on_update`
         # calls are all made, so that a server can hand them to its event loop in one go
         # (see chipshift.infer.server.Relay).
-        self.deliver: Callable[[], None] | None = None
+        self.deliver: Callable[[], None] = lambda: None
 
     # -- loading -----------------------------------------------------------------------
     @classmethod
@@ -258,21 +258,17 @@ class Engine:
                 self._complete(req, "cancelled")
                 continue
             self._prefill(free, req)
-            self._deliver()
+            self.deliver()
         if self.num_active:
             self._decode()
-        self._deliver()
-
-    def _deliver(self) -> None:
-        if self.deliver is not None:
-            self.deliver()
+        self.deliver()
 
     def _fail_all(self, message: str) -> None:
         for slot, req in enumerate(self.slots):
             if req is not None:
                 req.error = message
                 self._finish(slot, "error")
-        self._deliver()
+        self.deliver()
 
     def abort(self, message: str) -> None:
         """End every request, running or waiting, with an error (a server shutting down):
@@ -283,7 +279,7 @@ class Engine:
         for req in waiting:
             req.error = message
             self._complete(req, "error")
-        self._deliver()
+        self.deliver()
 
     # -- prefill and decode ------------------------------------------------------------
     @torch.inference_mode()

@@ -1,10 +1,11 @@
 """Small native kernels for devices whose PyTorch build lacks a fast path we need.
 
 Today a bfloat16-weight linear (`bf16_linear`, `bf16_linear_many`) and RMSNorm for x86
-CPUs with AVX2 and FMA but no bfloat16 arithmetic (see bf16_linear.c for why). It is plain C compiled on first use with
-the system's C compiler into a per-user cache, loaded through ctypes after torch (so it
-shares torch's OpenMP runtime), and absent, with the reason kept, when there is no
-compiler or the CPU lacks the instructions: callers then keep PyTorch's own path.
+CPUs with AVX2 and FMA but no bfloat16 arithmetic (see bf16_linear.c for why). It is plain
+C compiled on first use with the system's C compiler into a per-user cache, loaded through
+ctypes after torch (so it shares torch's OpenMP runtime), and absent, with the reason kept,
+when there is no compiler or the CPU lacks the instructions: callers then keep PyTorch's
+own path.
 """
 
 from __future__ import annotations
