@@ -641,7 +641,7 @@ def run_eval(ctx: Context, st: Stage) -> dict:
             pairs = [encode_preference(tok, preference_pair(p)) for p in held_out]
             pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
             stream = PairRows(pairs, min(model.cfg.max_seq_len, 512), pad, shuffle=False)
-            metrics["preference_accuracy"] = preference_accuracy(model, stream)
+            metrics.update(preference_accuracy(model, stream))
             metrics["preference_pairs"] = len(stream.pairs)
         for prompt in s["prompts"]:
             samples.append({"prompt": prompt, "answer": answer(model, tok, prompt, s["max_new_tokens"])})

@@ -120,7 +120,8 @@ def _highlights(stages: dict) -> list[str]:
     if len(evals) >= 2:
         (first, a), (last, b) = evals[0], evals[-1]
         for key, label in (("identity_accuracy", "Identity accuracy (held-out questions)"),
-                           ("preference_accuracy", "Preference accuracy (held-out pairs)")):
+                           ("preference_accuracy", "Preference accuracy (held-out pairs, per token)"),
+                           ("preference_accuracy_sum", "Preference accuracy (held-out pairs, summed log-probs)")):
             if key in a and key in b:
                 out.append(f"{label}: {a[key]:.0%} ({first}) → {b[key]:.0%} ({last})")
     return out

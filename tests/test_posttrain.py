@@ -131,6 +131,33 @@ def test_pairs_that_differ_only_beyond_seq_len_are_dropped(tok):
     assert PairRows(pairs, 4096, tok.pad_id, shuffle=False).dropped == 0
 
 
+def test_preference_accuracy_by_hand_per_token_and_summed(tok, model):
+    """Each pair scored by a full log-softmax over the vocabulary, independent of the
+    evaluator's path: mean log-prob per reply token decides `preference_accuracy`, the sum
+    `preference_accuracy_sum`; the short rejected replies make the two disagree."""
+    from chipshift.train.evaluate import preference_accuracy
+
+    records = [{"prompt": c[:-1], "chosen": c[-1]["content"], "rejected": r}
+               for c, r in zip(CONVS[:6], ("No.", "Hm", CONVS[9][-1]["content"], "Yes, of course.", "ok", "Sure"))]
+    stream = PairRows([encode_preference(tok, preference_pair(r)) for r in records], 256, tok.pad_id,
+                      shuffle=False)
+    assert len(stream.pairs) == 6
+
+    def by_hand(ex):
+        ids = torch.tensor(ex.ids)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids[None])[0].float(), dim=-1)
+        picked = [logp[i - 1, ids[i]].item() for i in range(1, len(ex.ids)) if ex.mask[i]]
+        return sum(picked), sum(picked) / len(picked)
+
+    scores = [(by_hand(c), by_hand(r)) for c, r in stream.pairs]
+    per_token = sum(c[1] > r[1] for c, r in scores) / 6
+    summed = sum(c[0] > r[0] for c, r in scores) / 6
+    assert per_token != summed  # the case tells the two apart
+    got = preference_accuracy(model, stream, batch_pairs=4)  # a short last batch too
+    assert got == {"preference_accuracy": per_token, "preference_accuracy_sum": summed}
+
+
 def test_dpo_starts_at_log2_and_its_gradient_scales_with_beta(tok, model):
     pairs = [encode_preference(tok, preference_pair(
         {"prompt": c[:-1], "chosen": c[-1]["content"], "rejected": "No."})) for c in CONVS[:4]]

@@ -148,7 +148,7 @@ def _evaluate(cfg: PostTrainConfig, model, tok, val_stream) -> dict:
     if cfg.kind == "sft":
         acc, rows = identity_accuracy(model, tok, cfg.post.eval_max_new_tokens)
         return {"identity_accuracy": acc, "identity": rows}
-    return {"preference_accuracy": preference_accuracy(model, val_stream)} if val_stream else {}
+    return preference_accuracy(model, val_stream) if val_stream else {}
 
 
 def run_posttrain(cfg: PostTrainConfig, *, resume: bool = False, force: bool = False,
