@@ -1,6 +1,6 @@
 """The whole post-training story on a model pre-trained here (slow: minutes on 2 idle cores):
 pretrain on the built-in corpora -> SFT lifts held-out identity accuracy from ~0 to >= 90%
--> DPO lifts held-out preference accuracy by >= 20 points over the SFT model."""
+-> DPO lifts held-out preference accuracy (per token) by >= 20 points over the SFT model."""
 
 import json
 
@@ -38,7 +38,7 @@ eval_batches = 2
 """
 
 SFT = ["--set", "train.ckpt_every=450"]  # recipes/sft_small.toml as it is: 450 steps
-DPO = ["--set", "train.ckpt_every=120"]  # recipes/dpo_small.toml as it is: 120 steps
+DPO = ["--set", "train.ckpt_every=1000"]  # recipes/dpo_small.toml as it is: 1000 steps
 
 
 def chipshift(*args):
@@ -59,4 +59,8 @@ def test_sft_then_dpo_on_a_model_pretrained_here(tmp_path):
     chipshift("dpo", "recipes/dpo_small.toml", "--set", f"dpo.init='{tmp_path / 'sft/checkpoints/step_00000450'}'",
               *DPO, "--out", tmp_path / "dpo", "--no-progress")
     dpo = json.loads((tmp_path / "dpo" / "eval.json").read_text())
-    assert dpo["after"]["preference_accuracy"] - dpo["before"]["preference_accuracy"] >= 0.20
+    before, after = dpo["before"], dpo["after"]
+    assert after["preference_accuracy"] - before["preference_accuracy"] >= 0.20  # per token
+    # summed log-probs rank the shorter reply higher (chipshift.train.evaluate): DPO barely
+    # moves that form on this model, but must not make it worse
+    assert after["preference_accuracy_sum"] >= before["preference_accuracy_sum"] - 0.05
