@@ -252,8 +252,9 @@ def test_failed_handoff_stops_the_pipeline_and_the_report_says_why(tmp_path):
 
 @pytest.mark.slow
 def test_demo_recipe_end_to_end(tmp_path):
-    """The whole demo (minutes): losses fall in every training stage, the handoff passes,
-    post-training lifts identity and preference accuracy, the server answers."""
+    """The whole demo (minutes): held-out losses fall in every training stage, the handoff
+    passes, post-training lifts identity and preference accuracy, the server answers. (The
+    held-out loss, not the last batch's: a DPO batch of 8 unseen pairs swings 0.4-1.6.)"""
     proc = subprocess.run([sys.executable, "-m", "chipshift", "run", "demo", "--no-progress",
                            "--set", f"recipe.out='{tmp_path / 'demo'}'"], env={**os.environ},
                           capture_output=True, text=True, timeout=1800)
@@ -261,7 +262,7 @@ def test_demo_recipe_end_to_end(tmp_path):
     st = stages(tmp_path / "demo")
     for name in ("pretrain", "sft", "dpo"):
         m = st[name]["result"]["metrics"]
-        assert m["final_loss"] < m["first_loss"], name
+        assert m["final_val_loss"] < m["first_val_loss"], name
     assert all(r["result"]["verdict"] != "fail" for r in st.values() if r.get("kind") == "handoff")
     assert any(r.get("kind") == "handoff" for r in st.values())
     base, final = st["eval_base"]["result"]["metrics"], st["eval"]["result"]["metrics"]
