@@ -253,7 +253,7 @@ def test_failed_handoff_stops_the_pipeline_and_the_report_says_why(tmp_path):
 @pytest.mark.slow
 def test_demo_recipe_end_to_end(tmp_path):
     """The whole demo (minutes): held-out losses fall in every training stage, the handoff
-    passes, post-training lifts identity and preference accuracy, the server answers. (The
+    passes, SFT lifts identity accuracy and DPO preference accuracy, the server answers. (The
     held-out loss, not the last batch's: a DPO batch of 8 unseen pairs swings 0.4-1.6.)"""
     proc = subprocess.run([sys.executable, "-m", "chipshift", "run", "demo", "--no-progress",
                            "--set", f"recipe.out='{tmp_path / 'demo'}'"], env={**os.environ},
@@ -267,7 +267,10 @@ def test_demo_recipe_end_to_end(tmp_path):
     assert any(r.get("kind") == "handoff" for r in st.values())
     base, final = st["eval_base"]["result"]["metrics"], st["eval"]["result"]["metrics"]
     assert final["identity_accuracy"] > base["identity_accuracy"]
-    assert final["preference_accuracy"] > base["preference_accuracy"]
+    # DPO's own held-out pairs, before and after it (the pre-trained model's per-token score
+    # is high for another reason: it never learned to end a reply, so short ones lose)
+    dpo = st["dpo"]["result"]["metrics"]
+    assert dpo["preference_accuracy_after"] > dpo["preference_accuracy_before"]
     assert len(st["serve"]["result"]["samples"]) >= 3
 
 
