@@ -251,6 +251,7 @@ def test_failed_handoff_stops_the_pipeline_and_the_report_says_why(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # 5 min alone on 2 cores; more when they are shared
 def test_demo_recipe_end_to_end(tmp_path):
     """The whole demo (minutes): held-out losses fall in every training stage, the handoff
     passes, SFT lifts identity accuracy and DPO preference accuracy, the server answers. (The
@@ -275,6 +276,7 @@ def test_demo_recipe_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_torchrun_stages(tmp_path):
     """fleet_torchrun_cpu, shrunk: pre-training and SFT each as 2 processes through torchrun."""
     sets = ["recipe.out='%s'" % (tmp_path / "tr"), "stages.tokenizer.max_chars=200000",
