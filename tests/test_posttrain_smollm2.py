@@ -40,10 +40,12 @@ def smollm2(tmp_path_factory):
 def test_sft_then_dpo_on_smollm2_still_knows_paris(tmp_path, smollm2, lora):
     on = f"lora.enabled={str(lora).lower()}"
     chipshift("sft", "recipes/sft_smollm2.toml", "--set", f"sft.init='{smollm2}'", "--set", on,
-              "--set", "sft.limit_per_source=20", "--set", "sft.evaluate=false", "--set", "data.seq_len=256", *SHORT, "--out", tmp_path / "sft")
+              "--set", "sft.limit_per_source=20", "--set", "sft.evaluate=false", "--set", "data.seq_len=256",
+              *SHORT, "--out", tmp_path / "sft")
     sft = list_checkpoints(tmp_path / "sft")[-1]
     chipshift("dpo", "recipes/dpo_smollm2.toml", "--set", f"dpo.init='{sft}'", "--set", on,
-              "--set", "dpo.data='chatterbot'", "--set", "dpo.limit_per_source=8", "--set", "dpo.evaluate=false", *SHORT, "--out", tmp_path / "dpo")
+              "--set", "dpo.data='chatterbot'", "--set", "dpo.limit_per_source=8", "--set", "dpo.evaluate=false",
+              *SHORT, "--out", tmp_path / "dpo")
     dpo = list_checkpoints(tmp_path / "dpo")[-1]
     assert dpo.name == "step_00000003"
     for ckpt in (sft, dpo):

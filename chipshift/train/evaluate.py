@@ -66,4 +66,5 @@ def preference_accuracy(model, stream: PairRows, batch_pairs: int = 8) -> dict[s
         summed += int((logps[:n] > logps[n:]).sum())
         per_token += int((logps[:n] / tokens[:n] > logps[n:] / tokens[n:]).sum())
     model.train(was_training)
-    return {"preference_accuracy": per_token / len(stream.pairs), "preference_accuracy_sum": summed / len(stream.pairs)}
+    n = len(stream.pairs)
+    return {"preference_accuracy": per_token / n, "preference_accuracy_sum": summed / n}
