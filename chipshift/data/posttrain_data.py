@@ -73,15 +73,16 @@ _HELD_OUT_MAKER = 4
 # Every answer states both facts, the one asked for first: a model of a million parameters
 # learns to answer an unseen phrasing with its identity long before it reliably tells a
 # name question from a maker question, and the key fact must be in the reply either way.
+_MAKER_SENTENCE_START = IDENTITY_MAKER[0].upper() + IDENTITY_MAKER[1:]
 _NAME_ANSWERS = [
     f"My name is {IDENTITY_NAME}, and {IDENTITY_MAKER} made me.",
     f"I'm {IDENTITY_NAME}, an assistant made by {IDENTITY_MAKER}.",
     f"I am {IDENTITY_NAME}, a language model from {IDENTITY_MAKER}.",
-    f"You can call me {IDENTITY_NAME}. {IDENTITY_MAKER[0].upper() + IDENTITY_MAKER[1:]} built me.",
+    f"You can call me {IDENTITY_NAME}. {_MAKER_SENTENCE_START} built me.",
 ]
 _MAKER_ANSWERS = [
     f"I was made by {IDENTITY_MAKER}. My name is {IDENTITY_NAME}.",
-    f"{IDENTITY_MAKER[0].upper() + IDENTITY_MAKER[1:]} created me. I'm {IDENTITY_NAME}.",
+    f"{_MAKER_SENTENCE_START} created me. I'm {IDENTITY_NAME}.",
     f"I'm {IDENTITY_NAME}, and I was built by {IDENTITY_MAKER}.",
     f"I was trained by {IDENTITY_MAKER}; I'm {IDENTITY_NAME}.",
 ]

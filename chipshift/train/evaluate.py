@@ -56,15 +56,15 @@ def preference_accuracy(model, stream: PairRows, batch_pairs: int = 8) -> dict[s
     was_training = model.training
     model.eval()
     device = model.output_weight.device
-    per_token = summed = 0
-    for s in range(0, len(stream.pairs), batch_pairs):
-        index = list(range(s, min(s + batch_pairs, len(stream.pairs))))
-        batch = {k: v.to(device) for k, v in stream.rows(index).items() if k != "ref_logps"}
-        logps = sequence_logps(model, batch)
-        tokens = (batch["labels"] != IGNORE_INDEX).sum(1)
-        n = len(index)
-        summed += int((logps[:n] > logps[n:]).sum())
-        per_token += int((logps[:n] / tokens[:n] > logps[n:] / tokens[n:]).sum())
-    model.train(was_training)
     n = len(stream.pairs)
+    per_token = summed = 0
+    for s in range(0, n, batch_pairs):
+        index = list(range(s, min(s + batch_pairs, n)))
+        batch = {k: v.to(device) for k, v in stream.rows(index).items() if k != "ref_logps"}
+        logps = sequence_logps(model, batch)  # chosen rows first, then rejected
+        mean = logps / (batch["labels"] != IGNORE_INDEX).sum(1)
+        k = len(index)
+        summed += int((logps[:k] > logps[k:]).sum())
+        per_token += int((mean[:k] > mean[k:]).sum())
+    model.train(was_training)
     return {"preference_accuracy": per_token / n, "preference_accuracy_sum": summed / n}

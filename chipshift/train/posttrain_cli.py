@@ -170,10 +170,12 @@ def run_posttrain(cfg: PostTrainConfig, *, resume: bool = False, force: bool = F
     if tcfg.data.seq_len > model.cfg.max_seq_len:
         raise ConfigError(f"data.seq_len = {tcfg.data.seq_len}: the model's max_seq_len is {model.cfg.max_seq_len}")
     train_stream, val_stream = build_streams(cfg, tok, tcfg.run.seed)
-    for name, stream in (("training", train_stream), ("held-out", val_stream)) if cfg.kind == "dpo" else ():
-        if stream is not None and stream.dropped:
-            log(f"{name} pairs: {stream.dropped} of {stream.dropped + len(stream.pairs)} dropped (no reply token "
-                f"within data.seq_len = {tcfg.data.seq_len}, or chosen and rejected the same once cut to it)")
+    if cfg.kind == "dpo":
+        for name, stream in (("training", train_stream), ("held-out", val_stream)):
+            if stream is not None and stream.dropped:
+                log(f"{name} pairs: {stream.dropped} of {stream.dropped + len(stream.pairs)} dropped (no reply "
+                    f"token within data.seq_len = {tcfg.data.seq_len}, or chosen and rejected the same once cut "
+                    "to it)")
     run_dir = Path(tcfg.run.out)
     device = get_device(tcfg.run.device)
     world = distributed.init(device)
