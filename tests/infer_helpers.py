@@ -48,7 +48,10 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def live_server(ckpt: Path, *extra: str, timeout: float = 60.0):
-    """Run `chipshift serve CKPT` in a subprocess on a free port; yield its base URL."""
+    """Run `chipshift serve CKPT` in a subprocess on a free port; yield its base URL. It
+    serves in the dtype the precision policy picks (as a user's `chipshift serve` does):
+    bfloat16 natively, bfloat16 through the kernel twin, or float32 without a compiler.
+    CI runs the suite under each outcome (`.ci/run`, CHIPSHIFT_HALF / CHIPSHIFT_CPU_KERNELS)."""
     port = free_port()
     cmd = [sys.executable, "-m", "chipshift", "serve", str(ckpt), "--port", str(port),
            "--device", "cpu", *extra]

@@ -17,12 +17,18 @@ from chipshift.plan.bench import BenchSettings, run_bench
 CPU = get_device("cpu")
 
 
-@pytest.fixture(scope="module")
-def bench_json(tmp_path_factory):
+@pytest.fixture(scope="module", params=["native", "emulated"], ids=["half-native", "half-emulated"])
+def bench_json(request, tmp_path_factory):
+    """A bench result under each outcome of the precision policy's probe (pinned, so that
+    the tests hold on any CPU): native half precision trains in bfloat16, emulated in float32."""
     out = tmp_path_factory.mktemp("bench") / "bench-cpu.json"
-    result = run_bench(CPU, BenchSettings(model="tiny", seq_len=64, max_batch=4, steps=2,
-                                          prefill_batches=(1, 2), decode_batches=(1, 2), decode_tokens=4),
-                       progress_enabled=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CHIPSHIFT_HALF", request.param)
+        result = run_bench(get_device("cpu"), BenchSettings(model="tiny", seq_len=64, max_batch=4, steps=2,
+                                                            prefill_batches=(1, 2), decode_batches=(1, 2),
+                                                            decode_tokens=4),
+                           progress_enabled=False)
+    result["pinned_half"] = request.param
     out.write_text(json.dumps(result))
     return out
 
@@ -40,7 +46,8 @@ def test_bench_result_names_device_versions_settings(bench_json):
         assert x["tokens_per_s"] == pytest.approx(x["batch"] * 64 / x["step_s"])
         assert 0 < x["mfu"] < 1 and x["peak_source"].startswith("measured")
         assert x["peak_memory_bytes"] > 0
-    assert r["train"]["best"] in runs
+    assert r["train"]["best"] == max(runs, key=lambda x: x["tokens_per_s"])
+    assert r["train"]["dtype"] == ("bfloat16" if r["pinned_half"] == "native" else "float32")
     assert [p["batch"] for p in r["prefill"]] == [1, 2] and all(p["tokens_per_s"] > 0 for p in r["prefill"])
     assert [d["batch"] for d in r["decode"]] == [1, 2] and all(d["tokens_per_s"] > 0 for d in r["decode"])
 
@@ -63,7 +70,8 @@ def test_plan_from_bench_uses_measured_figures(bench_json, capsys):
     assert plan["figures"]["mfu"]["value"] == r["train"]["best"]["mfu"]
     assert plan["figures"]["mfu"]["source"].startswith("measured")
     assert plan["figures"]["peak_flops"]["source"].startswith("measured")
-    assert plan["chip"]["precision"] == "fp32"
+    # the precision the bench trained in: bf16 with fp32 master weights where half is native
+    assert plan["chip"]["precision"] == ("bf16-mixed" if r["pinned_half"] == "native" else "fp32")
     # time = FLOPs / achieved FLOP/s, and achieved = what the bench measured at its best batch
     f = plan["figures"]
     assert f["achieved_flops"]["value"] == pytest.approx(r["train"]["best"]["achieved_flops"], rel=1e-9)
@@ -88,17 +96,20 @@ dev = get_device("cpu")
 s = BenchSettings(model="S", seq_len=128, max_batch=int(sys.argv[1]), steps=int(sys.argv[2]))
 cfg, _ = model_config("S")
 with tqdm(disable=True) as progress:
-    r = measure_training(dev, s, cfg, None, {"float32": 1e11}, progress)
+    r = measure_training(dev, s, cfg, None, {"float32": 1e11, "bfloat16": 1e11}, progress)
 print(json.dumps(r["runs"]))
 """
 
 
-@pytest.fixture(scope="module")
-def calibration_runs():
+@pytest.fixture(scope="module", params=["native", "emulated"], ids=["half-native", "half-emulated"])
+def calibration_runs(request):
     """Training measurements of preset S (13.8M parameters) at seq 128, batch 1-8, in a fresh
-    process (about 30 s on two idle cores; minutes when the CPU is shared)."""
+    process (about 30 s on two idle cores; minutes when the CPU is shared), under each
+    outcome of the precision policy's probe: bfloat16 with float32 master weights where half
+    precision is native, float32 where it is emulated."""
     done = subprocess.run([sys.executable, "-c", CALIBRATE, "8", "2"], capture_output=True, text=True,
-                          timeout=1700, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          timeout=1700, check=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "CHIPSHIFT_HALF": request.param})
     return {r["batch"]: r for r in json.loads(done.stdout.strip().splitlines()[-1])}
 
 

@@ -162,7 +162,7 @@ def test_cpu_device_basics():
     assert dev.dtype_works(torch.float32)
     assert "float32" in dev.working_dtypes()
     assert dev.memory_allocated() > 0 and dev.total_memory() > dev.memory_allocated()
-    dtype, why = dev.compute_dtype("float32")
+    dtype, why = dev.precision.compute_dtype("float32")
     assert dtype == torch.float32 and "user" in why
     flops, source = dev.peak_flops("float32")
     assert flops > 1e8 and source.startswith("measured")
@@ -172,7 +172,7 @@ def test_a_dtype_that_fails_its_probe_is_refused(monkeypatch):
     dev = get_device("cpu")
     monkeypatch.setattr(dev, "dtype_works", lambda d: d == torch.float32)
     with pytest.raises(DeviceError, match="float16 does not work"):
-        dev.compute_dtype("float16")
+        dev.precision.compute_dtype("float16")
 
 
 def test_parse_dtype():

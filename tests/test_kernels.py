@@ -85,11 +85,10 @@ def test_leading_dims_and_special_values():
     assert torch.isinf(kernels.bf16_linear(big, torch.ones(2, 16, dtype=torch.bfloat16))).all()
 
 
-def test_engine_twin_shares_weights_and_leaves_the_model_alone():
+def test_engine_twin_shares_weights_and_leaves_the_model_alone(monkeypatch):
+    monkeypatch.setenv("CHIPSHIFT_HALF", "emulated")  # the twin is for CPUs without bfloat16 arithmetic
     model = build_model(preset("tiny", init_std=0.15, max_seq_len=96), dtype=torch.bfloat16, seed=0)
-    twin, note = get_device("cpu").for_inference(model, torch.bfloat16)
-    if note is None:
-        pytest.skip("this CPU computes bfloat16 natively: no twin")
+    twin, note = get_device("cpu").precision.for_inference(model, torch.bfloat16)
     assert twin is not model and "kernel" in note
     assert all(a is b for a, b in zip(twin.parameters(), model.parameters()))
     assert all(type(m).forward is m.forward.__func__ for m in model.modules()

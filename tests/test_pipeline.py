@@ -24,11 +24,16 @@ SHIPPED = sorted(p for p in RECIPES_DIR.glob("*.toml") if "recipe" in tomllib.lo
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_shipped_recipes_validate(path):
-    recipe = load_recipe(path)
-    assert recipe.stages and recipe.out == Path(recipe.raw["recipe"]["out"])
-    for st in recipe.stages:
+    recipe = load_recipe(path)  # raises, naming the key, on any mistake
+    raw = tomllib.loads(path.read_text())
+    # every table of the file became a stage, in file order, and nothing else did
+    assert [s.name for s in recipe.stages] == list(raw["stages"])
+    assert recipe.out == Path(raw["recipe"].get("out") or f"runs/{recipe.name}")
+    order = {s.name: i for i, s in enumerate(recipe.stages)}
+    for st in recipe.stages:  # a stage that uses a model starts from one an earlier stage made
         if st.kind in ("sft", "dpo", "eval", "serve", "export"):
-            assert st.source in {s.name for s in recipe.stages}
+            source = recipe.stage(st.source)
+            assert order[source.name] < order[st.name] and source.kind in ("import", "pretrain", "sft", "dpo")
 
 
 def test_shipped_recipes_cover_the_documented_cases():

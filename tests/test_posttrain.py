@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from chipshift.data.chat import IGNORE_INDEX, encode_chat, encode_preference, pack, preference_pair
-from chipshift.data.posttrain_data import identity_conversations, sft_conversations
+from chipshift.data.posttrain_data import identity_conversations, identity_correct, identity_eval, sft_conversations
 from chipshift.cli import main
 from chipshift.data.tokenizer_train import train_tokenizer
 from chipshift.model.checkpoint import load_checkpoint, save_checkpoint, update_sidecar
@@ -239,7 +239,10 @@ def test_run_learns_and_resumes_exactly(tmp_path, init_ckpt, kind, lora):
         assert (tmp_path / "run" / "ref_logps").is_dir()
         assert "preference_accuracy" in evaluation["after"]
     else:
-        assert 0 <= evaluation["after"]["identity_accuracy"] <= 1
+        after = evaluation["after"]  # one row per held-out identity question, each judged
+        assert len(after["identity"]) == len(identity_eval()) > 0
+        assert all(r["correct"] == identity_correct(r["reply"], r["key_fact"]) for r in after["identity"])
+        assert after["identity_accuracy"] == sum(r["correct"] for r in after["identity"]) / len(after["identity"])
     final = list_checkpoints(tmp_path / "run")[-1]
     model, _ = load_checkpoint(final)  # a plain checkpoint with clean names, LoRA merged
     weights, state = load(final)

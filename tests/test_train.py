@@ -328,8 +328,12 @@ def test_compiled_pretrain_matches_eager(tmp_path):
     worst = max(abs(c - e) / abs(e) for e, c in zip(eager, compiled))
     assert worst <= 1e-4, f"compiled vs eager: relative loss difference {worst:.2e}"
     assert w_compiled.keys() == w_eager.keys()  # no `_orig_mod.` from the compiled forward
+    # AdamW moves a weight by up to lr (3e-3) a step whatever its gradient's size, so where a
+    # gradient is near zero, float32 rounding that differs between inductor's fused kernels
+    # and eager (by CPU class: AVX512 and AVX2 fuse differently) moves that weight by a small
+    # fraction of lr: measured up to 1.5e-5 on an AVX512-BF16 CPU. 1e-4 is 3% of one step.
     for k in w_eager:
-        torch.testing.assert_close(w_compiled[k], w_eager[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(w_compiled[k], w_eager[k], rtol=1e-4, atol=1e-4)
 
 
 def test_activation_checkpointing_gives_the_same_step(tmp_path):

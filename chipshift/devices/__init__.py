@@ -5,7 +5,8 @@ matmul, not read from a table), which collective backend `torch.distributed` sho
 use, how to synchronize, seed and read memory, and what the chip's peak FLOP/s is.
 
     dev = get_device("auto")          # or "cpu", "cuda:1", "npu", ... or $CHIPSHIFT_DEVICE
-    dev.compute_dtype()               # bfloat16 where it works, else float16, else float32
+    dev.precision.compute_dtype()     # bfloat16 where it is native, else float16, else float32
+    dev.precision.report()            # every half-precision decision and why (devices/policy.py)
     dev.collective                    # "gloo", "nccl", "hccl", ...
     dev.peak_flops("bfloat16")        # from the chip catalogue, or a measured CPU probe
 """
@@ -31,10 +32,11 @@ from chipshift.devices.backends import (
     torch_namespace,
 )
 from chipshift.devices.catalogue import Chip, get_chip, load_catalogue, match_chip
+from chipshift.devices.policy import Decision, PrecisionPolicy
 from chipshift.errors import ConfigError, DeviceError
 
 __all__ = [
-    "BACKENDS", "Backend", "Chip", "Device", "DTYPES", "get_device", "get_chip",
+    "BACKENDS", "Backend", "Chip", "Decision", "Device", "DTYPES", "PrecisionPolicy", "get_device", "get_chip",
     "load_catalogue", "match_chip", "known_types", "parse_dtype", "device_report",
 ]
 
@@ -255,61 +257,10 @@ class Device:
         return [dtype_name(d) for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
                 if self.dtype_works(d)]
 
-    def compute_dtype(self, override: str | None = None) -> tuple[torch.dtype, str]:
-        """The dtype a run computes in, and why: bf16 where it works, fp16, else fp32."""
-        if override and override != "auto":
-            dtype = parse_dtype(override)
-            if not self.dtype_works(dtype):
-                raise DeviceError(f"dtype {dtype_name(dtype)} does not work on {self} "
-                                  f"(working: {', '.join(self.working_dtypes())})")
-            return dtype, f"{dtype_name(dtype)} (set by the user)"
-        for dtype in (torch.bfloat16, torch.float16):
-            if not self.dtype_works(dtype):
-                continue
-            if self.half_is_emulated(dtype):
-                continue  # there, half precision saves nothing
-            return dtype, f"{dtype_name(dtype)} (the first of bfloat16, float16 that works fast on {self.type})"
-        if self.is_cpu:
-            return torch.float32, ("float32 (this CPU computes bfloat16/float16 slower than float32: "
-                                   f"{self.peak_flops(torch.bfloat16)[0] / 1e9:.3g} vs "
-                                   f"{self.peak_flops(torch.float32)[0] / 1e9:.3g} GFLOP/s)")
-        return torch.float32, "float32 (neither bfloat16 nor float16 works here)"
-
-    def half_is_emulated(self, dtype: torch.dtype) -> bool:
-        """True on a CPU whose `dtype` matmul runs slower than 0.8x its float32 one: many CPUs
-        (AVX2 without AVX512-BF16/AMX) emulate half precision several times slower."""
-        return self.is_cpu and self.peak_flops(dtype)[0] < 0.8 * self.peak_flops(torch.float32)[0]
-
-    def serving_dtype(self, override: str | None = None) -> tuple[torch.dtype, str]:
-        """The dtype to hold weights in for inference, and why. As `compute_dtype`, except on
-        a CPU that emulates bfloat16 but can build chipshift's AVX2 kernel (`for_inference`):
-        there bfloat16 serves faster than float32, because decoding streams every weight once
-        per token and bfloat16 halves those bytes."""
-        if (override and override != "auto") or not self.is_cpu or not self.dtype_works(torch.bfloat16):
-            return self.compute_dtype(override)
-        dtype, why = self.compute_dtype()
-        if dtype == torch.float32:
-            from chipshift.devices import kernels
-
-            if kernels.bf16_linear_status() is None:
-                return torch.bfloat16, ("bfloat16 (decoding streams the weights: half the bytes of float32, "
-                                        "multiplied by chipshift's AVX2 kernel since this CPU emulates bfloat16)")
-        return dtype, why
-
-    def for_inference(self, model: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.nn.Module, str | None]:
-        """The model to run inference with in `dtype`, and what changed (None: nothing).
-        On a CPU that emulates bfloat16 (slower than float32), a twin of the model sharing
-        its weights multiplies them with a native AVX2 kernel (`kernels.for_inference`) when
-        one builds here; everywhere else the model runs on the device's own kernels."""
-        if dtype != torch.bfloat16 or not self.half_is_emulated(dtype):
-            return model, None  # an accelerator, or native bfloat16 (AVX512-BF16, AMX)
-        from chipshift.devices import kernels
-
-        missing = kernels.bf16_linear_status()
-        if missing is not None:
-            return model, f"torch's emulated bfloat16 kernels (no native kernel: {missing})"
-        return kernels.for_inference(model), ("bfloat16 weights through chipshift's AVX2 kernel (this CPU "
-                                              "has no bfloat16 arithmetic; float32 accumulation)")
+    @cached_property
+    def precision(self) -> PrecisionPolicy:
+        """Every half-precision decision on this device, with its reason (`policy`)."""
+        return PrecisionPolicy(self)
 
     @property
     def fused_adamw(self) -> bool:
@@ -354,7 +305,7 @@ def get_device(spec: str | None = None) -> Device:
 
 def device_report(dev: Device) -> dict:
     """What `chipshift devices` prints for one device type."""
-    peak, peak_source = dev.peak_flops(dev.compute_dtype()[0])
+    peak, peak_source = dev.peak_flops(dev.precision.compute_dtype().value)
     return {
         "type": dev.type,
         "name": dev.name,
@@ -365,4 +316,5 @@ def device_report(dev: Device) -> dict:
         "catalogue": dev.chip.key if dev.chip else None,
         "peak_tflops": round(peak / 1e12, 3),
         "peak_source": peak_source,
+        "precision": dev.precision.report(),
     }

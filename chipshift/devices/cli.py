@@ -11,7 +11,9 @@ from chipshift.devices.backends import BACKENDS, is_available
 def register(sub) -> None:
     p = sub.add_parser("devices", help="list the devices present, their working dtypes and peaks",
                        description="Print a table of the devices present: type, name, count, memory, "
-                                   "dtypes that really work (probed), collective backend and catalogue peak.")
+                                   "dtypes that really work (probed), collective backend and catalogue peak, "
+                                   "then each device's precision policy: every half-precision decision "
+                                   "and why.")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=run)
 
@@ -27,6 +29,11 @@ def run(args) -> int:
     widths = [max(len(x) for x in col) for col in zip(head, *table)]
     for row in [head, ["-" * w for w in widths], *table]:
         print("  ".join(x.ljust(w) for x, w in zip(row, widths)))
+    for r in rows:
+        print(f"\nprecision policy on {r['type']} (pin with CHIPSHIFT_HALF=native|emulated, "
+              f"CHIPSHIFT_CPU_KERNELS=off):")
+        for key, d in r["precision"].items():
+            print(f"  {key:<15} {str(d['value']):<9} {d['reason']}")
     absent = [t for t in BACKENDS if not is_available(t)]
     print(f"\nnot present: {', '.join(absent)}")
     return 0

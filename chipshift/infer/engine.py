@@ -82,7 +82,8 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer=None, *, max_batch: int = 8,
-                 max_len: int | None = None, compile: bool = False, kernels: bool = True) -> None:
+                 max_len: int | None = None, compile: bool = False, kernels: bool = True,
+                 target: Device | None = None) -> None:
         if max_batch <= 0:
             raise ChipshiftError(f"max_batch = {max_batch}: must be a positive integer")
         self.model = model.eval()
@@ -108,12 +109,13 @@ class Engine:
         self.span_arange = torch.arange(self.max_len, device=dev)
 
         self.compiled = compile
-        # the device layer's inference kernels (bfloat16 on CPUs without bfloat16 arithmetic)
-        # run a twin of the model that shares its weights; not under compile, which traces
-        # torch's own ops
+        # the device's precision policy may run a twin of the model that shares its weights
+        # through native kernels (bfloat16 on CPUs without bfloat16 arithmetic); not under
+        # compile, which traces torch's own ops. `target`: the Device the caller resolved.
         self.kernel_note = None
         if kernels and not compile:
-            self.model, self.kernel_note = get_device(self.device.type).for_inference(self.model, self.dtype)
+            target = target or get_device(str(self.device))
+            self.model, self.kernel_note = target.precision.for_inference(self.model, self.dtype)
         # the model may ask for another cache dtype (the CPU twin attends in float32)
         self.cache = KVCache(self.cfg, max_batch, self.max_len, self.device, self.model.kv_cache_dtype or self.dtype)
         self._decode_logits = torch.compile(self._decode_forward, dynamic=False) if compile else self._decode_forward
@@ -138,10 +140,10 @@ class Engine:
 
         dev: Device = get_device(device)
         # compiled, the decode step runs torch's own kernels: no bfloat16 advantage on such a CPU
-        torch_dtype, why = (dev.compute_dtype if kwargs.get("compile") else dev.serving_dtype)(dtype)
+        torch_dtype, why = dev.precision.serving_dtype(dtype, compiled=kwargs.get("compile", False))
         model, _ = load_checkpoint(path, dev.torch_device, torch_dtype)
         tokenizer = Tokenizer.load(path) if (Path(path) / "tokenizer.json").exists() else None
-        engine = cls(model, tokenizer, **kwargs)
+        engine = cls(model, tokenizer, target=dev, **kwargs)
         engine.dtype_reason = why
         return engine
 

@@ -91,7 +91,7 @@ def run_generate(args) -> int:
     if args.temperature < 0:
         raise ChipshiftError(f"--temperature = {args.temperature}: must be >= 0")
     dev = get_device(args.device)
-    dtype, why = dev.compute_dtype(args.dtype)
+    dtype, why = dev.precision.compute_dtype(args.dtype)
     model, _ = load_checkpoint(args.ckpt, device=dev.torch_device, dtype=dtype)  # verifies checksums first
     tok = Tokenizer.load(args.ckpt)
     model.eval()

@@ -377,7 +377,7 @@ def dump_checkpoint(ckpt: str | Path, out: str | Path, *, device: str = "cpu", d
         raise ChipshiftError("--steps and --max-tensor-mb must be >= 0, --batch-size and --seq-len >= 1")
     sidecar = verify_checkpoint(ckpt)
     dev = get_device(device)
-    torch_dtype = dev.compute_dtype(dtype)[0]
+    torch_dtype = dev.precision.compute_dtype(dtype).value
     old_threads = torch.get_num_threads()
     old_det = torch.are_deterministic_algorithms_enabled()
     try:

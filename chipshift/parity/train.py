@@ -11,7 +11,6 @@ import copy
 import json
 from pathlib import Path
 
-from chipshift.devices import dtype_name, get_device
 from chipshift.errors import ChipshiftError
 from chipshift.parity.compare import coarser_dtype, compare_losses, thresholds_for
 from chipshift.parity.dump import parse_target
@@ -38,8 +37,8 @@ def train_pair(cfg, a: str, b: str, steps: int, out: str | Path, *, train_stream
         result = train(side, train_stream=train_stream, val_stream=val_stream, progress=progress)
         losses = [r["loss"] for r in read(result.run_dir / "metrics.jsonl") if "loss" in r]
         resolved = json.loads((result.run_dir / "config.resolved.json").read_text()).get("resolved", {})
-        sides[key] = {"label": spec, "device": str(get_device(device)),
-                      "dtype": resolved.get("compute_dtype") or dtype_name(get_device(device).compute_dtype(dtype)[0]),
+        # the device and dtype the run resolved (once, in the trainer), not resolved again here
+        sides[key] = {"label": spec, "device": resolved["device"], "dtype": resolved["compute_dtype"],
                       "run_dir": str(result.run_dir), "losses": losses}
     rule_dtype = coarser_dtype(sides["a"]["dtype"], sides["b"]["dtype"])
     th = thresholds_for(rule_dtype, **(thresholds or {}))

@@ -152,7 +152,8 @@ def _trainer(dev: Device, s: BenchSettings, cfg: ModelConfig, checkpoint: str | 
 def _run_batch(dev: Device, s: BenchSettings, cfg: ModelConfig, checkpoint: str | None, batch: int,
                steps: int) -> tuple[list[float], int, tuple[str, str, str, float]]:
     """(step times after one warm-up step, peak memory over the resident memory just before
-    the model was built, (dtype, precision, attention, host CPU seconds per step)); raises _NoFit."""
+    the model was built, (dtype, precision, attention, host CPU seconds per step, the dtype of
+    the MFU ceiling)); raises _NoFit."""
     trainer = None
     gc.collect()
     dev.empty_cache()
@@ -164,7 +165,9 @@ def _run_batch(dev: Device, s: BenchSettings, cfg: ModelConfig, checkpoint: str 
         cpu0 = time.process_time()
         times = _timed(trainer.train_step, dev.synchronize, steps)
         cpu = (time.process_time() - cpu0) / steps
-        info = (dtype_name(trainer.dtype), trainer.precision, trainer.model.attn_impl, cpu)
+        # the MFU ceiling: float32's where the half matmuls run as float32 GEMMs (the policy's upcast)
+        ceiling = "float32" if trainer.upcast else dtype_name(trainer.dtype)
+        info = (dtype_name(trainer.dtype), trainer.precision, trainer.model.attn_impl, cpu, ceiling)
     except ChipshiftError as exc:  # the loop's own memory check
         raise _NoFit(f"batch {batch} refused: {exc}") from None
     except RuntimeError as exc:
@@ -223,14 +226,14 @@ def measure_training(dev: Device, s: BenchSettings, cfg: ModelConfig, checkpoint
             break
         step = statistics.median(times)
         tokens_per_s = batch * s.seq_len / step
-        peak_value, peak_source = dev.peak_flops(info[0]) if dev.chip else (
-            peak_flops[info[0]], f"measured: this run's {info[0]} matmul ceiling")
+        peak_value, peak_source = dev.peak_flops(info[4]) if dev.chip else (
+            peak_flops[info[4]], f"measured: this run's {info[4]} matmul ceiling")
         achieved = tokens_per_s * per_token
         runs.append({
             "batch": batch, "tokens": batch * s.seq_len, "step_s": step, "step_min_s": min(times),
             "step_times_s": times, "step_host_cpu_s": info[3], "tokens_per_s": tokens_per_s, "achieved_flops": achieved,
             "peak_flops": peak_value, "peak_source": peak_source, "mfu": achieved / peak_value,
-            "ceiling_fraction": achieved / peak_flops[info[0]],
+            "ceiling_fraction": achieved / peak_flops[info[4]],
             "peak_memory_bytes": peak,
             "estimated_memory_bytes": estimated_training_bytes(cfg, batch, s.seq_len, info[1], info[2]),
         })
@@ -318,7 +321,7 @@ def run_bench(dev: Device, s: BenchSettings, progress_enabled: bool = True) -> d
         train = measure_training(dev, s, cfg, checkpoint, {k: v["flops"] for k, v in ceilings.items()}, progress)
         progress.update(n_train - len(train["runs"]))
         progress.set_postfix_str("inference model")
-        infer_dtype, infer_reason = dev.compute_dtype(s.dtype)
+        infer_dtype, infer_reason = dev.precision.compute_dtype(s.dtype)
         if checkpoint:
             model = load_checkpoint(checkpoint, dev.torch_device, infer_dtype)[0]
         else:

@@ -93,43 +93,63 @@ class Trainer:
         self.device = device or get_device(cfg.run.device)
         self.world = world or distributed.World()
         self.log = log if self.world.is_main else (lambda *a, **k: None)
-        dev = self.device
+        self._resolve_precision()
+        self._resolve_layout()
+        self._build_model(model, model.cfg if model is not None else model_cfg)
+        self._build_optimizer()
+        self.step = 0
+        self.cursor = 0  # samples consumed over all processes
+        self.bad_in_row = 0
+        self.bad_total = 0
+        self.saved_step = -1
+        # measured now, before any restore: the CPU probe draws from the global RNG
+        self.peak_flops, self.peak_source = self.device.precision.mfu_ceiling(self.dtype, self.upcast)
+        self.flops_per_token = model_flops_per_token(self.model_cfg,
+                                                     getattr(train_stream, "seq_len", self.model_cfg.max_seq_len))
 
-        # precision: one decision, logged
-        self.dtype, reason = dev.compute_dtype(cfg.run.dtype)
-        precision = cfg.run.precision
+    # -- set-up steps ------------------------------------------------------------------
+    def _resolve_precision(self) -> None:
+        """One decision per run, from the device's precision policy, logged: the compute
+        dtype, how half precision is held (master weights or autocast), and whether half
+        matmuls run as float32 GEMMs."""
+        run, policy = self.cfg.run, self.device.precision
+        self.dtype, reason = policy.compute_dtype(run.dtype)
+        precision = run.precision
         if precision == "auto":
             precision = "master" if self.dtype == torch.bfloat16 else "autocast"
         if self.dtype == torch.float16 and precision == "master":
             raise ConfigError("run.precision = 'master' with float16: float16 needs loss scaling, "
                               "use run.precision = 'autocast'")
         self.precision = precision if self.dtype in HALF else "float32"
-        upcast = cfg.run.half_matmul_upcast
-        if upcast == "auto":
+        upcast = policy.matmul_upcast(self.dtype) if self.precision == "master" else None
+        setting = run.half_matmul_upcast
+        if setting == "auto":
             # not under activation checkpointing: its recomputation in backward runs outside
             # the function mode that routes the matmuls, so the two passes would differ
-            upcast = "on" if (self.precision == "master" and not cfg.run.activation_checkpointing
-                              and dev.peak_flops(self.dtype)[0] < dev.peak_flops(torch.float32)[0]) else "off"
-        if upcast == "on" and self.precision != "master":
+            setting = "on" if upcast is not None and upcast.value and not run.activation_checkpointing else "off"
+        if setting == "on" and self.precision != "master":
             raise ConfigError(f"run.half_matmul_upcast = 'on' needs run.precision = 'master' "
                               f"(the run computes in {self.precision})")
-        if upcast == "on" and cfg.run.activation_checkpointing:
+        if setting == "on" and run.activation_checkpointing:
             raise ConfigError("run.half_matmul_upcast = 'on' cannot be combined with "
                               "run.activation_checkpointing = true; set one of them off")
-        self.upcast = upcast == "on"
-        self.log(f"compute dtype: {reason}; precision: {self.precision}"
-                 + ("; half matmuls as float32 GEMMs on half operands (the native half GEMM is "
-                    "slower here)" if self.upcast else ""))
+        self.upcast = setting == "on"
+        line = f"compute dtype: {reason}; precision: {self.precision}"
+        if self.upcast:
+            line += "; " + (upcast.reason if run.half_matmul_upcast == "auto" else
+                            "half matmuls as float32 GEMMs on half operands (run.half_matmul_upcast = 'on')")
+        self.log(line)
 
-        # batch layout: global batch = micro_batch x accumulation x processes
+    def _resolve_layout(self) -> None:
+        """Batch layout (global batch = micro-batch x accumulation x processes) and whether
+        FSDP2 shards (only with more than one process)."""
+        cfg = self.cfg
         B, W = cfg.data.batch_size, self.world.size
         self.micro = cfg.data.micro_batch or max(1, B // W)
         if B % (self.micro * W):
             raise ConfigError(f"data.batch_size = {B}: must be a multiple of data.micro_batch "
                               f"({self.micro}) x processes ({W})")
         self.accum = B // (self.micro * W)
-
-        # parallel layout: FSDP2 shards only when there is more than one process
         self.sharded = cfg.run.parallel == "fsdp" and self.world.active
         if cfg.run.parallel == "fsdp":
             self.log(f"parallel: fsdp (FSDP2), parameters, gradients and AdamW moments sharded over {W} processes"
@@ -141,20 +161,22 @@ class Trainer:
             raise ConfigError("run.parallel = 'fsdp' with float16: its loss scaler would judge each shard's "
                               "gradients alone; use run.dtype = 'bfloat16' or 'float32', or run.parallel = 'ddp'")
 
-        # model
-        if dev.is_cpu and getattr(train_stream, "variable_shapes", False):
+    def _build_model(self, model: Transformer | None, model_cfg: ModelConfig) -> None:
+        """The model on the device, in the run's parameter dtype, set up for training
+        (checkpointing, attention, compile, FSDP2 sharding)."""
+        cfg, dev = self.cfg, self.device
+        if dev.is_cpu and getattr(self.train_stream, "variable_shapes", False):
             # fixed-shape batches (pre-training) reuse the heap's blocks step after step and
             # would only pay page faults for fresh mappings (S shape: 30% slower)
             return_freed_host_memory()
         dev.manual_seed(cfg.run.seed)
-        model_cfg = model.cfg if model is not None else model_cfg
         self._check_memory(model_cfg)
         if model is None:
             model = build_model(model_cfg, dev.torch_device, torch.float32, seed=cfg.run.seed)
         # "master" precision: half-precision params with float32 copies in the optimizer; sharded,
         # the float32 shards are the master copy and FSDP2 all-gathers them in half precision
-        half_params = self.precision == "master" and not self.sharded
-        model = model.to(dev.torch_device, self.dtype if half_params else torch.float32)
+        self.half_params = self.precision == "master" and not self.sharded
+        model = model.to(dev.torch_device, self.dtype if self.half_params else torch.float32)
         model.train()
         model.activation_checkpointing = cfg.run.activation_checkpointing
         model.attn_impl = "sdpa" if cfg.run.attn_impl == "auto" else cfg.run.attn_impl
@@ -165,27 +187,18 @@ class Trainer:
         self.model, self.model_cfg = model, model_cfg
         self.params = [p for p in model.parameters() if p.requires_grad]
 
-        # optimizer
-        self.master = MasterWeights(model) if half_params else None
+    def _build_optimizer(self) -> None:
+        """AdamW over the trainable parameters (their float32 master copies under "master"),
+        and a gradient scaler for float16."""
+        cfg, dev = self.cfg, self.device
+        self.master = MasterWeights(self.model) if self.half_params else None
         named = self.master.named_parameters() if self.master else \
-            [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.param_names = [n for n, p in named if p.ndim >= 2] + [n for n, p in named if p.ndim < 2]
         self.opt_params = [p for _, p in named]
         fused = cfg.optim.fused == "on" or (cfg.optim.fused == "auto" and dev.fused_adamw)
         self.optimizer = build_adamw(named, cfg.optim, fused)
         self.scaler = torch.amp.GradScaler(dev.type) if self.dtype == torch.float16 else None
-
-        self.step = 0
-        self.cursor = 0  # samples consumed over all processes
-        self.bad_in_row = 0
-        self.bad_total = 0
-        self.saved_step = -1
-        # measured now, before any restore: the CPU probe draws from the global RNG
-        # under the upcast the half-precision matmuls run as float32 GEMMs: that is their ceiling
-        self.peak_flops, self.peak_source = dev.peak_flops(torch.float32 if self.upcast else self.dtype)
-        if self.upcast:
-            self.peak_source += f" ({dtype_name(self.dtype)} matmuls run as float32 GEMMs here)"
-        self.flops_per_token = model_flops_per_token(model_cfg, getattr(train_stream, "seq_len", model_cfg.max_seq_len))
 
     # -- set-up checks -----------------------------------------------------------------
     def _check_memory(self, model_cfg: ModelConfig) -> None:

@@ -78,7 +78,12 @@ def _library() -> ctypes.CDLL:
 
 
 def bf16_linear_status() -> str | None:
-    """None when the kernel is usable here, else why not."""
+    """None when the kernel is usable here, else why not ($CHIPSHIFT_CPU_KERNELS=off: as on
+    a machine without a C compiler; read at every call, so tests can pin it per test)."""
+    from chipshift.devices.policy import KERNELS_ENV, kernels_pinned_off
+
+    if kernels_pinned_off():
+        return f"off ({KERNELS_ENV}=off)"
     try:
         _library()
         return None

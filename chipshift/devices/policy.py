@@ -1,0 +1,203 @@
+"""The precision policy: every half-precision decision chipshift makes on a device, each
+with its reason, in one object (`Device.precision`).
+
+On an accelerator half precision is native. A CPU either has half-precision arithmetic
+(AVX512-BF16, AMX: a bfloat16 matmul runs at least as fast as a float32 one) or emulates
+it (AVX2 only: torch widens every element, several times slower than float32). That one
+fact, probed with a timed matmul, drives the decisions below:
+
+    decision                native half        emulated half (CPU)            pinned by
+    ----------------------  -----------------  -----------------------------  -------------------
+    auto compute dtype      bfloat16           float32                        run.dtype, --dtype
+    training half matmuls   the device's GEMM  float32 GEMMs on the half       run.half_matmul_upcast
+                                               operands (same numbers)
+    MFU ceiling             half peak          float32 peak under the upcast  (follows the upcast)
+    auto serving dtype      bfloat16           bfloat16 through chipshift's   --dtype
+                                               AVX2 kernel, else float32
+    inference twin          none               kernel twin, where it builds   CHIPSHIFT_CPU_KERNELS
+    KV-cache dtype          the weights'       float32 under the twin         (follows the twin)
+
+The two probes behind the table can be pinned from outside, for tests and for users:
+
+    CHIPSHIFT_HALF=native|emulated   what the matmul probe would say (CPUs only)
+    CHIPSHIFT_CPU_KERNELS=off        chipshift's native CPU kernels are unavailable, as on a
+                                     machine without a C compiler
+
+`chipshift devices` prints every decision with its reason; training and serving log theirs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from chipshift.errors import ConfigError, DeviceError
+
+if TYPE_CHECKING:
+    from chipshift.devices import Device
+
+HALF_ENV = "CHIPSHIFT_HALF"
+KERNELS_ENV = "CHIPSHIFT_CPU_KERNELS"
+HALF = (torch.bfloat16, torch.float16)
+# A CPU whose half-precision matmul runs below this fraction of its float32 matmul emulates
+# half precision: AVX2 CPUs measure 0.05-0.3, AVX512-BF16 and AMX CPUs 2-4.
+EMULATED_BELOW = 0.8
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def pinned(var: str, allowed: tuple[str, ...]) -> str:
+    """The value of an environment pin ('auto' when unset); a bad value names the allowed ones."""
+    value = os.environ.get(var, "auto").strip().lower() or "auto"
+    if value not in allowed:
+        raise ConfigError(f"{var} = {os.environ[var]!r}: allowed values are {', '.join(allowed)}")
+    return value
+
+
+def kernels_pinned_off() -> bool:
+    return pinned(KERNELS_ENV, ("auto", "off")) == "off"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One decision of the policy: its value and why."""
+
+    value: Any
+    reason: str
+
+    def __iter__(self):  # `dtype, why = policy.compute_dtype()`
+        return iter((self.value, self.reason))
+
+
+class PrecisionPolicy:
+    """Every half-precision decision for one device. $CHIPSHIFT_HALF is read once, when the
+    policy is made (`Device.precision`, once per Device); $CHIPSHIFT_CPU_KERNELS by
+    `kernels.bf16_linear_status` at each ask."""
+
+    def __init__(self, device: "Device") -> None:
+        self.device = device
+        self.half_pin = pinned(HALF_ENV, ("auto", "native", "emulated"))
+
+    # -- the probes ------------------------------------------------------------------------
+    def half_native(self, dtype: torch.dtype = torch.bfloat16) -> Decision:
+        """Whether `dtype` matmuls run natively (at least EMULATED_BELOW x float32 speed)."""
+        if not self.device.is_cpu:
+            return Decision(True, f"{self.device.type} computes half precision in its own kernels")
+        if self.half_pin != "auto":
+            return Decision(self.half_pin == "native", f"pinned by {HALF_ENV}={self.half_pin}")
+        half, full = self.device.peak_flops(dtype)[0], self.device.peak_flops(torch.float32)[0]
+        native = half >= EMULATED_BELOW * full
+        return Decision(native, f"probe: {_name(dtype)} matmul {half / 1e9:.3g} GFLOP/s against float32 "
+                                f"{full / 1e9:.3g}: {'native' if native else 'emulated'}, the line being "
+                                f"{EMULATED_BELOW}x float32")
+
+    def cpu_kernel(self) -> Decision:
+        """Whether chipshift's native CPU bfloat16 kernel (`devices.kernels`) can be used here."""
+        if not self.device.is_cpu:
+            return Decision(False, f"{self.device.type} is not a CPU")
+        from chipshift.devices import kernels
+
+        missing = kernels.bf16_linear_status()
+        return Decision(missing is None, missing or "chipshift's AVX2 bfloat16 kernel builds here")
+
+    # -- training ----------------------------------------------------------------------------
+    def compute_dtype(self, override: str | torch.dtype | None = None) -> Decision:
+        """The dtype a run computes in: the user's, else the first of bfloat16, float16 that
+        works and is native here, else float32."""
+        from chipshift.devices import parse_dtype
+
+        dev = self.device
+        if override is not None and override != "auto":
+            dtype = parse_dtype(override)
+            if not dev.dtype_works(dtype):
+                raise DeviceError(f"dtype {_name(dtype)} does not work on {dev} "
+                                  f"(working: {', '.join(dev.working_dtypes())})")
+            return Decision(dtype, f"{_name(dtype)} (set by the user)")
+        for dtype in HALF:
+            if dev.dtype_works(dtype) and (native := self.half_native(dtype)).value:
+                return Decision(dtype, f"{_name(dtype)} (the first of bfloat16, float16 that is native here; "
+                                       f"{native.reason})")
+        if dev.is_cpu:
+            return Decision(torch.float32, f"float32 (this CPU emulates half precision: "
+                                           f"{self.half_native(torch.bfloat16).reason})")
+        return Decision(torch.float32, "float32 (neither bfloat16 nor float16 works here)")
+
+    def matmul_upcast(self, dtype: torch.dtype) -> Decision:
+        """Whether training's `dtype` matmuls should run as float32 GEMMs on the half operands
+        (`chipshift.train.precision.HalfMatmulUpcast`): where the native half GEMM is emulated."""
+        if dtype not in HALF:
+            return Decision(False, f"{_name(dtype)} is not half precision")
+        native = self.half_native(dtype)
+        if native.value:
+            return Decision(False, native.reason)
+        return Decision(True, f"half matmuls as float32 GEMMs on half operands ({native.reason})")
+
+    def mfu_ceiling(self, dtype: torch.dtype, upcast: bool) -> Decision:
+        """The peak FLOP/s a stage's MFU is measured against: `dtype`'s, or float32's where its
+        half matmuls run as float32 GEMMs."""
+        peak, source = self.device.peak_flops(torch.float32 if upcast else dtype)
+        if upcast:
+            source += f" ({_name(dtype)} matmuls run as float32 GEMMs here)"
+        return Decision(peak, source)
+
+    # -- inference ---------------------------------------------------------------------------
+    def serving_dtype(self, override: str | None = None, compiled: bool = False) -> Decision:
+        """The dtype to hold weights in for inference: as `compute_dtype`, except on a CPU that
+        emulates bfloat16 but can use chipshift's kernel (not under compile, which runs torch's
+        own kernels): there bfloat16 serves faster than float32, since decoding streams every
+        weight once per token and bfloat16 halves those bytes."""
+        choice = self.compute_dtype(override)
+        if (override is not None and override != "auto") or compiled or choice.value != torch.float32 \
+                or not self.device.is_cpu or not self.device.dtype_works(torch.bfloat16):
+            return choice
+        kernel = self.cpu_kernel()
+        if not kernel.value:
+            return Decision(torch.float32, f"{choice.reason}; no native kernel for bfloat16 weights: {kernel.reason}")
+        return Decision(torch.bfloat16, "bfloat16 (decoding streams the weights: half the bytes of float32, "
+                                        "multiplied by chipshift's AVX2 kernel since this CPU emulates bfloat16)")
+
+    def inference_twin(self, dtype: torch.dtype) -> Decision:
+        """Whether inference in `dtype` runs a twin of the model through chipshift's CPU kernel
+        (bfloat16 weights on a CPU that emulates bfloat16, where the kernel can be used)."""
+        if dtype != torch.bfloat16:
+            return Decision(False, f"{_name(dtype)} runs on torch's own kernels")
+        native = self.half_native(dtype)
+        if native.value:
+            return Decision(False, f"native bfloat16: torch's own kernels ({native.reason})")
+        kernel = self.cpu_kernel()
+        if not kernel.value:
+            return Decision(False, f"torch's emulated bfloat16 kernels (no native kernel: {kernel.reason})")
+        return Decision(True, "bfloat16 weights through chipshift's AVX2 kernel (this CPU has no bfloat16 "
+                              "arithmetic; float32 accumulation; KV cache in float32)")
+
+    def for_inference(self, model: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.nn.Module, str | None]:
+        """The model to run inference with in `dtype`, and what changed (None: nothing): the
+        kernel twin of `inference_twin` (sharing the model's weights), or the model itself."""
+        twin = self.inference_twin(dtype)
+        if not twin.value:
+            return model, (twin.reason if dtype == torch.bfloat16 and self.device.is_cpu
+                           and not self.half_native(dtype).value else None)
+        from chipshift.devices import kernels
+
+        return kernels.for_inference(model), twin.reason
+
+    # -- the whole table ---------------------------------------------------------------------
+    def report(self) -> dict[str, dict]:
+        """Every decision with its value and reason, for `chipshift devices` and run logs."""
+        compute = self.compute_dtype()
+        serving = self.serving_dtype()
+        rows = {
+            "half_native": self.half_native(),
+            "compute_dtype": compute,
+            "matmul_upcast": self.matmul_upcast(torch.bfloat16),
+            "cpu_kernel": self.cpu_kernel(),
+            "serving_dtype": serving,
+            "inference_twin": self.inference_twin(serving.value),
+        }
+        return {k: {"value": _name(d.value) if isinstance(d.value, torch.dtype) else d.value, "reason": d.reason}
+                for k, d in rows.items()}

@@ -1,0 +1,156 @@
+"""The precision policy (chipshift/devices/policy.py): each decision under each outcome of
+its probes, whatever CPU runs the test. Every test pins the probes (CHIPSHIFT_HALF,
+CHIPSHIFT_CPU_KERNELS) or fakes the matmul probe's figures, so none follows the machine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chipshift.devices import get_device, kernels
+from chipshift.devices.policy import EMULATED_BELOW, HALF_ENV, KERNELS_ENV
+from chipshift.errors import ConfigError
+from chipshift.infer.engine import Engine
+from chipshift.model.config import preset
+from chipshift.model.transformer import build_model
+from chipshift.train.config import from_dict
+from chipshift.train.data import TokenWindows
+from chipshift.train.loop import Trainer
+from chipshift.train.objectives import LanguageModeling
+
+KERNEL_BUILDS = kernels.bf16_linear_status() is None
+
+
+def policy(monkeypatch, half: str | None = None, kernels_off: bool = False):
+    """A fresh CPU device whose policy sees the given pins."""
+    for var, value in ((HALF_ENV, half), (KERNELS_ENV, "off" if kernels_off else None)):
+        if value is None:
+            monkeypatch.delenv(var, raising=False)
+        else:
+            monkeypatch.setenv(var, value)
+    return get_device("cpu")
+
+
+def test_native_half_pinned(monkeypatch):
+    p = policy(monkeypatch, "native").precision
+    assert p.half_native().value and "pinned by CHIPSHIFT_HALF=native" in p.half_native().reason
+    assert p.compute_dtype().value == torch.bfloat16
+    assert not p.matmul_upcast(torch.bfloat16).value
+    assert p.serving_dtype().value == torch.bfloat16
+    assert not p.inference_twin(torch.bfloat16).value
+    assert p.mfu_ceiling(torch.bfloat16, upcast=False).reason.startswith("measured: bfloat16")
+
+
+def test_emulated_half_pinned(monkeypatch):
+    p = policy(monkeypatch, "emulated").precision
+    assert not p.half_native().value
+    dtype, why = p.compute_dtype()
+    assert dtype == torch.float32 and "emulates" in why and "CHIPSHIFT_HALF=emulated" in why
+    assert p.matmul_upcast(torch.bfloat16).value and not p.matmul_upcast(torch.float32).value
+    ceiling = p.mfu_ceiling(torch.bfloat16, upcast=True)
+    assert ceiling.reason.startswith("measured: float32") and "run as float32 GEMMs" in ceiling.reason
+    # the user's dtype always wins, and the compiled decode step never takes the kernel
+    assert p.serving_dtype("float32").value == torch.float32
+    assert p.serving_dtype(compiled=True).value == torch.float32
+
+
+@pytest.mark.skipif(not KERNEL_BUILDS, reason=f"the bf16 kernel does not build here: {kernels.bf16_linear_status()}")
+def test_emulated_half_with_the_kernel_serves_bfloat16_through_a_twin(monkeypatch):
+    p = policy(monkeypatch, "emulated").precision
+    assert p.cpu_kernel().value
+    dtype, why = p.serving_dtype()
+    assert dtype == torch.bfloat16 and "AVX2 kernel" in why
+    assert p.inference_twin(torch.bfloat16).value
+
+
+def test_emulated_half_without_a_compiler_serves_float32(monkeypatch):
+    p = policy(monkeypatch, "emulated", kernels_off=True).precision
+    assert not p.cpu_kernel().value and "CHIPSHIFT_CPU_KERNELS=off" in p.cpu_kernel().reason
+    assert kernels.bf16_linear_status() == "off (CHIPSHIFT_CPU_KERNELS=off)"
+    dtype, why = p.serving_dtype()
+    assert dtype == torch.float32 and "no native kernel" in why
+    twin = p.inference_twin(torch.bfloat16)
+    assert not twin.value and "emulated bfloat16 kernels" in twin.reason
+    model = build_model(preset("tiny"), dtype=torch.bfloat16, seed=0)
+    same, note = p.for_inference(model, torch.bfloat16)
+    assert same is model and "CHIPSHIFT_CPU_KERNELS=off" in note
+
+
+@pytest.mark.parametrize("half, full, native", [(800e9, 200e9, True), (30e9, 200e9, False),
+                                                 (EMULATED_BELOW * 200e9, 200e9, True),
+                                                 (0.99 * EMULATED_BELOW * 200e9, 200e9, False)])
+def test_the_probe_decides_at_one_line(monkeypatch, half, full, native):
+    """Unpinned, the decision follows the measured matmul figures at EMULATED_BELOW: both
+    outcomes, on any CPU, by faking the probe."""
+    dev = policy(monkeypatch)
+    monkeypatch.setattr(dev, "peak_flops", lambda dtype: (full if dtype == torch.float32 else half, "fake"))
+    decision = dev.precision.half_native(torch.bfloat16)
+    assert decision.value is native and decision.reason.startswith("probe:")
+    assert dev.precision.compute_dtype().value == (torch.bfloat16 if native else torch.float32)
+    assert dev.precision.matmul_upcast(torch.bfloat16).value is (not native)
+
+
+def test_a_bad_pin_names_the_variable_and_the_allowed_values(monkeypatch):
+    monkeypatch.setenv(HALF_ENV, "fast")
+    with pytest.raises(ConfigError, match="CHIPSHIFT_HALF = 'fast': allowed values are auto, native, emulated"):
+        get_device("cpu").precision
+    monkeypatch.setenv(HALF_ENV, "native")
+    monkeypatch.setenv(KERNELS_ENV, "maybe")
+    with pytest.raises(ConfigError, match="CHIPSHIFT_CPU_KERNELS = 'maybe': allowed values are auto, off"):
+        get_device("cpu").precision.cpu_kernel()
+
+
+def test_report_lists_every_decision_with_a_reason(monkeypatch):
+    report = policy(monkeypatch, "emulated", kernels_off=True).precision.report()
+    assert set(report) == {"half_native", "compute_dtype", "matmul_upcast", "cpu_kernel", "serving_dtype",
+                           "inference_twin"}
+    assert report["compute_dtype"]["value"] == "float32" and report["half_native"]["value"] is False
+    assert all(row["reason"] for row in report.values())
+
+
+# -- the decisions where they are used ----------------------------------------------------
+def trainer(tmp_path, **run) -> Trainer:
+    cfg = from_dict({"run": {"out": str(tmp_path), "device": "cpu", **run}, "model": {"preset": "tiny"},
+                     "data": {"seq_len": 16, "batch_size": 2}, "optim": {"warmup_steps": 0},
+                     "train": {"steps": 2, "eval_every": 0}})
+    rows = TokenWindows(torch.arange(400).remainder(50).numpy().astype("uint16"), 16, 0)
+    lines = []
+    t = Trainer(cfg, LanguageModeling(), rows, model_cfg=cfg.model_config(), log=lines.append)
+    t.logged = lines
+    return t
+
+
+@pytest.mark.parametrize("half, dtype, precision, upcast, ceiling", [
+    ("native", torch.bfloat16, "master", False, "bfloat16"),
+    ("emulated", torch.float32, "float32", False, "float32"),
+])
+def test_trainer_follows_the_policy_in_auto(tmp_path, monkeypatch, half, dtype, precision, upcast, ceiling):
+    policy(monkeypatch, half)
+    t = trainer(tmp_path)
+    assert (t.dtype, t.precision, t.upcast) == (dtype, precision, upcast)
+    assert t.peak_source.startswith(f"measured: {ceiling}")
+    assert f"CHIPSHIFT_HALF={half}" in t.logged[0]  # the decision is logged with its reason
+
+
+@pytest.mark.parametrize("half, upcast", [("native", False), ("emulated", True)])
+def test_trainer_in_bfloat16_upcasts_only_where_half_is_emulated(tmp_path, monkeypatch, half, upcast):
+    policy(monkeypatch, half)
+    t = trainer(tmp_path, dtype="bfloat16")
+    assert t.precision == "master" and t.upcast is upcast
+    assert t.peak_source.startswith("measured: float32" if upcast else "measured: bfloat16")
+    assert ("half matmuls as float32 GEMMs" in t.logged[0]) is upcast
+    assert torch.isfinite(torch.tensor(t.train_step().loss))
+
+
+@pytest.mark.parametrize("half, kernels_off, twin", [("native", False, False), ("emulated", False, True),
+                                                      ("emulated", True, False)])
+def test_engine_takes_the_policys_inference_path(monkeypatch, half, kernels_off, twin):
+    if twin and not KERNEL_BUILDS:
+        pytest.skip(f"the bf16 kernel does not build here: {kernels.bf16_linear_status()}")
+    policy(monkeypatch, half, kernels_off)
+    model = build_model(preset("tiny", max_seq_len=64), dtype=torch.bfloat16, seed=0)
+    engine = Engine(model, max_batch=2)
+    assert (engine.model is not model) is twin
+    assert engine.cache.k.dtype == (torch.float32 if twin else torch.bfloat16)
+    assert ("AVX2 kernel" in (engine.kernel_note or "")) is twin
+    assert ("CHIPSHIFT_CPU_KERNELS=off" in (engine.kernel_note or "")) is kernels_off
