@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from chipshift.plan.estimate import Figure, Plan, gb
-from chipshift.plan.memory import PRECISIONS
+from chipshift.model.memory import PRECISIONS
 
 TAGS = {  # source prefix -> tag used in side-by-side tables
     "datasheet (official)": "D",

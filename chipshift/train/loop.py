@@ -33,7 +33,7 @@ from chipshift.errors import ChipshiftError, ConfigError
 from chipshift.model.checkpoint import state_dict_for_save
 from chipshift.model.config import ModelConfig
 from chipshift.model.transformer import Transformer, build_model
-from chipshift.plan.flops import model_flops_per_token
+from chipshift.model.flops import model_flops_per_token
 from chipshift.train import distributed, state
 from chipshift.train.config import TrainConfig, save_resolved
 from chipshift.train.data import Stream, TokenWindows, rank_slice
