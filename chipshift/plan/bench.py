@@ -131,14 +131,6 @@ def train_config(s: BenchSettings, dev: Device, cfg: ModelConfig, batch: int):
     )
 
 
-def estimated_training_bytes(cfg: ModelConfig, batch: int, seq_len: int, precision: str, attn_impl: str) -> float:
-    """`chipshift.model.memory`'s estimate for one process (DDP of 1), in this loop's precision."""
-    prec = memory.PRECISIONS["fp32" if precision == "float32" else "bf16-mixed"]
-    m = memory.memory_per_chip(cfg.num_params(), cfg, 1, "ddp", False, prec, batch, seq_len,
-                               "math" if attn_impl == "math" else "flash")
-    return m.total
-
-
 def _trainer(dev: Device, s: BenchSettings, cfg: ModelConfig, checkpoint: str | None, batch: int):
     from chipshift.train.loop import Trainer
     from chipshift.train.objectives import LanguageModeling
@@ -232,7 +224,8 @@ def measure_training(dev: Device, s: BenchSettings, cfg: ModelConfig, checkpoint
             "peak_flops": peak_value, "peak_source": peak_source, "mfu": achieved / peak_value,
             "ceiling_fraction": achieved / peak_flops[info[0]],
             "peak_memory_bytes": peak,
-            "estimated_memory_bytes": estimated_training_bytes(cfg, batch, s.seq_len, info[1], info[2]),
+            "estimated_memory_bytes": memory.training_memory(cfg, batch, s.seq_len, info[1] != "float32",
+                                                             info[2]).total,
         })
         progress.update(1)
         batch *= 2
