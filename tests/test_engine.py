@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from chipshift.data.tokenizer import Tokenizer
+from chipshift.devices import Device, kernels
 from chipshift.errors import ChipshiftError
 from chipshift.infer.engine import Engine, Request
 from chipshift.infer.sampling import SamplingParams, apply_repetition_penalty, sample
@@ -65,12 +66,20 @@ def test_greedy_rows_unaffected_by_sampling_neighbours(reference):
         assert requests[i].output_ids == want[i]
 
 
-def test_greedy_bf16_agrees_up_to_rounding():
+@pytest.mark.parametrize("twin", [False, True])
+def test_greedy_bf16_agrees_up_to_rounding(twin, monkeypatch):
     """In bfloat16 a cached decode (one row) and a full recompute (all rows) round
     differently, so a near-tie may flip: every disagreement must be such a near-tie of the
-    reference's own logits, and the first tokens must agree."""
+    reference's own logits, and the first tokens must agree. `twin`: through the device
+    layer's CPU kernels (`Device.for_inference`), even on a CPU with bfloat16 arithmetic."""
     model = tiny(torch.bfloat16)
+    if twin:
+        if kernels.bf16_linear_status() is not None:
+            pytest.skip(f"bf16 kernel unavailable: {kernels.bf16_linear_status()}")
+        monkeypatch.setattr(Device, "half_is_emulated", lambda self, dtype: True)
     engine = Engine(model, max_batch=4)
+    if twin:
+        assert engine.model is not model and "kernel" in engine.kernel_note
     outputs = engine.generate(PROMPTS[:4], greedy(16))
     for p, got in zip(PROMPTS, outputs):
         want = generate_naive(model, p, 16)
