@@ -156,9 +156,8 @@ def run_posttrain(cfg: PostTrainConfig, *, resume: bool = False, force: bool = F
     """Set up and run one SFT or DPO run; returns (TrainResult, evaluation dict)."""
     from chipshift.data.tokenizer import Tokenizer
     from chipshift.devices import get_device
-    from chipshift.model.checkpoint import load_checkpoint
+    from chipshift.model.checkpoint import check_handoff_allowed, load_checkpoint
     from chipshift.model.lora import apply_lora
-    from chipshift.parity.handoff import check_handoff_allowed
     from chipshift.train import distributed
     from chipshift.train.loop import train
     from chipshift.train.posttrain import DPO, SFT, cached_reference, compute_reference
