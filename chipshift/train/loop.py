@@ -396,7 +396,8 @@ class _StopSignal:
 
 
 def pretrain_streams(cfg: TrainConfig, seq_len: int) -> tuple[TokenWindows, TokenWindows, str, float | None]:
-    """(train stream, val stream, tokenizer dir, bytes per val token) from `cfg.data.dir`."""
+    """(train stream, val stream, tokenizer dir, val tokens per byte of text, or None when
+    the sample decodes to no bytes) from `cfg.data.dir`."""
     from chipshift.data.shards import check_tokenizer, load_split, read_index
     from chipshift.data.tokenizer import Tokenizer
 
