@@ -15,7 +15,7 @@
 # measured on the device).
 #
 # MFU counts model FLOPs (6 per matmul weight per token + attention, see
-# chipshift.plan.flops.model_flops_per_token) against both the catalogue peak of the chip and the
+# chipshift.model.flops.model_flops_per_token) against both the catalogue peak of the chip and the
 # bf16 GEMM ceiling measured here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +39,7 @@ from chipshift.devices import get_device, measure_matmul_flops, parse_dtype
 from chipshift.model.config import ModelConfig
 from chipshift.train.config import from_dict
 from chipshift.train.data import TokenWindows
-from chipshift.plan.flops import model_flops_per_token as flops_per_token
+from chipshift.model.flops import model_flops_per_token as flops_per_token
 from chipshift.train.loop import Trainer
 from chipshift.train.objectives import LanguageModeling
 

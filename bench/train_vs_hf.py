@@ -180,7 +180,7 @@ def main() -> None:
         return
 
     from chipshift.model.config import preset
-    from chipshift.plan.flops import model_flops_per_token as flops_per_token
+    from chipshift.model.flops import model_flops_per_token as flops_per_token
 
     dtypes = a.dtypes.split(",")
     ceilings = {d: run_worker(["--worker", "ceiling", "--dtype", d, "--device", a.device])["flops"]

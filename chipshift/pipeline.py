@@ -192,8 +192,8 @@ def training_config(name: str, kind: str, settings: dict, *, out_dir: Path, devi
 def posttrain_config(name: str, kind: str, settings: dict, *, out_dir: Path, device: str, dtype: str,
                      seed: int, init: str, config_path: Path):
     """The SFT/DPO config of a stage, written to `config_path` (what `chipshift sft|dpo` and
-    torchrun read) and parsed by chipshift.train.posttrain_cli."""
-    from chipshift.train.posttrain_cli import load_posttrain_config
+    torchrun read) and parsed by chipshift.train.posttrain_run."""
+    from chipshift.train.posttrain_run import load_posttrain_config
 
     raw = {s: dict(settings.get(s) or {}) for s in (*TRAIN_SECTIONS, kind, "lora") if s != "model"}
     for key in ("out", "device", "dtype"):
@@ -403,7 +403,7 @@ def resolved_target(device: str, dtype: str) -> tuple[str, str]:
     """(device, dtype name) as the device layer resolves a stage's settings."""
     from chipshift.devices import dtype_name, get_device
     dev = get_device(device)
-    return str(dev), dtype_name(dev.compute_dtype(dtype)[0])
+    return str(dev), dtype_name(dev.precision.compute_dtype(dtype).value)
 
 
 def _cap_per_source(corpora: dict, max_chars: int) -> list[str]:
@@ -572,9 +572,9 @@ def run_training(ctx: Context, st: Stage, command: str, start, config_path: Path
 
 
 def run_posttrain_stage(ctx: Context, st: Stage) -> dict:
-    """SFT or DPO (chipshift.train.posttrain_cli) from the model of stage `from`; its own
+    """SFT or DPO (chipshift.train.posttrain_run) from the model of stage `from`; its own
     before/after evaluation lands in the stage's metrics."""
-    from chipshift.train.posttrain_cli import run_posttrain
+    from chipshift.train.posttrain_run import run_posttrain
 
     out = ctx.stage_dir(st)
     config_path = out / "config.toml"
@@ -756,7 +756,8 @@ def transformers_greedy_check(ckpt: Path, hf_dir: Path, prompt: str, max_new_tok
 def handoff_before(ctx: Context, st: Stage, chain: str) -> None:
     """Run the verified handoff between st's model and st when device or dtype differ (once;
     recorded in the state), then refuse a checkpoint whose last handoff failed unless --force."""
-    from chipshift.parity.handoff import check_handoff_allowed, handoff
+    from chipshift.model.checkpoint import check_handoff_allowed
+    from chipshift.parity.handoff import handoff
 
     src = ctx.recipe.stage(st.source)
     ckpt = ctx.model_of(st)

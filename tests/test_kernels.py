@@ -93,9 +93,25 @@ def test_engine_twin_shares_weights_and_leaves_the_model_alone(monkeypatch):
     assert all(a is b for a, b in zip(twin.parameters(), model.parameters()))
     assert all(type(m).forward is m.forward.__func__ for m in model.modules()
                if isinstance(m, torch.nn.Linear) and hasattr(m.forward, "__func__"))
+    assert (twin.attn_impl, twin.kv_cache_dtype) == ("sdpa_float32", torch.float32)
+    assert (model.attn_impl, model.kv_cache_dtype) == ("sdpa", None)
+    calls = {}
+
+    def counted(name, kernel):
+        def run(*args):
+            calls[name] = calls.get(name, 0) + 1
+            return kernel(*args)
+        return run
+
+    for name in ("bf16_linear", "bf16_linear_many", "bf16_rms_norm"):
+        monkeypatch.setattr(kernels, name, counted(name, getattr(kernels, name)))
     ids = torch.tensor([[5, 9, 2, 7]])
-    with torch.no_grad():  # prefill-sized inputs go through the float32 GEMM path: same numbers
+    with torch.no_grad():
         assert torch.allclose(twin(ids).float(), model(ids).float(), rtol=0.05, atol=0.05)
+    layers = model.cfg.num_layers
+    # per layer: o_proj and down_proj alone, q/k/v and gate/up joint, two norms; then the
+    # final norm and the output projection
+    assert calls == {"bf16_linear": 2 * layers + 1, "bf16_linear_many": 2 * layers, "bf16_rms_norm": 2 * layers + 1}
 
 
 @pytest.mark.parametrize("rows", [1, 3, 5, 8, 16])

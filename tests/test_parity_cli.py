@@ -9,10 +9,10 @@ import torch
 
 from chipshift.cli import main
 from chipshift.errors import ChipshiftError
-from chipshift.model.checkpoint import read_sidecar, save_checkpoint
+from chipshift.model.checkpoint import check_handoff_allowed, read_sidecar, save_checkpoint
 from chipshift.model.config import preset
 from chipshift.model.transformer import build_model
-from chipshift.parity.handoff import check_handoff_allowed, handoff
+from chipshift.parity.handoff import handoff
 from parity_helpers import one_thread  # noqa: F401  (autouse)
 
 
@@ -81,6 +81,20 @@ def test_handoff_refuses_a_corrupt_checkpoint(ckpt, tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(ChipshiftError, match="model.safetensors is corrupt"):
         handoff(ckpt, "cpu:float32", "cpu:float64", out=tmp_path / "h")
+
+
+def test_handoff_hashes_each_file_once_and_a_dump_alone_verifies(ckpt, tmp_path, monkeypatch):
+    from chipshift.model import checkpoint
+
+    hashed = []
+    sha256_file = checkpoint.sha256_file
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda path: hashed.append(path.name) or sha256_file(path))
+    files = sorted(read_sidecar(ckpt)["files"])
+    handoff(ckpt, "cpu:float32", "cpu:bfloat16", reference="cpu:float64", out=tmp_path / "h")
+    assert sorted(hashed) == files  # three dumps, one verification
+    hashed.clear()
+    assert main(["parity", "dump", str(ckpt), "--out", str(tmp_path / "d")]) == 0
+    assert sorted(hashed) == files
 
 
 def test_train_pair_compares_loss_curves_step_by_step(tmp_path):

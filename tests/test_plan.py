@@ -11,10 +11,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from chipshift.cli import main
 from chipshift.errors import ChipshiftError
+from chipshift.model import flops, memory
 from chipshift.model.checkpoint import save_checkpoint
 from chipshift.model.config import ModelConfig, preset
 from chipshift.model.transformer import build_model
-from chipshift.plan import flops, memory
 from chipshift.plan.estimate import make_plan, require_fit, resolve_chip, resolve_chip_key, resolve_model
 from chipshift.plan.report import TAGS
 

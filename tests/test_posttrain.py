@@ -19,7 +19,7 @@ from chipshift.model.config import ModelConfig
 from chipshift.model.transformer import build_model
 from chipshift.train.posttrain import (DPO, SFT, PackedRows, PairRows, cached_reference, compute_reference,
                                        dpo_loss, sequence_logps, target_logps)
-from chipshift.train.posttrain_cli import load_posttrain_config, run_posttrain
+from chipshift.train.posttrain_run import load_posttrain_config, run_posttrain
 from chipshift.train.state import list_checkpoints, load
 
 CONVS = sft_conversations(("identity", "chatterbot"), "train", limit_per_source=40)

@@ -53,7 +53,7 @@ def register(sub) -> None:
 
 def _load(args):
     from chipshift.infer.engine import Engine
-    from chipshift.parity.handoff import check_handoff_allowed
+    from chipshift.model.checkpoint import check_handoff_allowed
 
     check_handoff_allowed(args.checkpoint, force=args.force)
     if args.max_batch <= 0:

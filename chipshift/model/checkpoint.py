@@ -6,7 +6,8 @@
       tokenizer_config.json  its config, with the chat template
       chipshift.json         the sidecar: model config, dtype, producing device, versions,
                              a sha256 per file, free-form `meta` (step, data cursor, ...)
-                             and the record of verified handoffs
+                             and the record of verified handoffs (`chipshift.parity.handoff`),
+                             which `check_handoff_allowed` reads before a stage starts from it
 
 Writing is atomic: files go into a temporary sibling directory, are fsynced, and the
 directory is renamed into place, so a reader sees a whole checkpoint or none. Loading
@@ -27,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from chipshift.errors import CheckpointError
+from chipshift.errors import CheckpointError, ChipshiftError
 from chipshift.model.config import ModelConfig
 from chipshift.model.transformer import Transformer, build_model
 
@@ -211,3 +212,20 @@ def update_sidecar(path: str | Path, **changes) -> dict:
     _fsync_file(tmp)
     os.replace(tmp, path / SIDECAR)
     return data
+
+
+def check_handoff_allowed(ckpt: str | Path, force: bool = False) -> dict | None:
+    """The checkpoint's last handoff record (None if it has none); raises a ChipshiftError
+    saying why when that handoff failed, unless `force`."""
+    handoffs = read_sidecar(ckpt).get("handoffs") or []
+    if not handoffs:
+        return None
+    last = handoffs[-1]
+    if last.get("verdict") == "fail" and not force:
+        first = last.get("first_failing") or {}
+        where = ", ".join(f"{d} {n}" for d, n in first.items() if n) or "the loss"
+        raise ChipshiftError(
+            f"checkpoint {ckpt}: its last handoff ({last['from']} -> {last['to']}, {last['time']}) "
+            f"failed, first diverging at {where} (report: {last.get('report')}); fix the target or "
+            f"pass --force to start from it anyway")
+    return last

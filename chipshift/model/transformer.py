@@ -24,6 +24,8 @@ hand-written backward passes (same forward results; see the comment above them).
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 
 import torch
@@ -344,6 +346,62 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """Logits (B, T, vocab); keyword arguments as for `forward_hidden`."""
         return self.logits(self.forward_hidden(input_ids, **kwargs))
+
+    # -- other kernels -----------------------------------------------------------------
+    def with_kernels(self, *, linear=None, linear_many=None, rms_norm=None, attn_impl: str | None = None,
+                     kv_cache_dtype: torch.dtype | None = None) -> Transformer:
+        """A twin of this model for inference that computes with kernels the caller passes in
+        (the device layer's, `chipshift.devices.kernels`): the same parameters and buffers,
+        shared, not copied, and its own module objects. This model is left as it was.
+
+          linear(x, weight, bias) -> y                 each nn.Linear and the output projection
+          linear_many(x, weights, biases) -> [y, ...]  projections that read the same input
+                                                       (q/k/v, gate/up) in one call
+          rms_norm(x, weight, eps) -> y                each RMSNorm
+
+        A kernel returns None where it does not apply (a dtype or a shape it does not take),
+        and that call runs the plain path. `attn_impl` and `kv_cache_dtype`, when given, are
+        set on the twin.
+        """
+        shared = {id(t): t for t in (*self.parameters(), *self.buffers())}
+        twin = copy.deepcopy(self, memo=shared)
+        for module in twin.modules():
+            if linear is not None and isinstance(module, nn.Linear):
+                module.forward = functools.partial(_swapped_linear, linear, module)
+            if linear_many is not None and isinstance(module, Attention):
+                module.qkv = functools.partial(_swapped_many, linear_many,
+                                               (module.q_proj, module.k_proj, module.v_proj))
+            if linear_many is not None and isinstance(module, MLP):
+                module.gate_up = functools.partial(_swapped_many, linear_many, (module.gate_proj, module.up_proj))
+            if rms_norm is not None and isinstance(module, RMSNorm):
+                module.forward = functools.partial(_swapped_norm, rms_norm, module)
+        if attn_impl is not None:
+            twin.attn_impl = attn_impl
+        if kv_cache_dtype is not None:
+            twin.kv_cache_dtype = kv_cache_dtype
+        if linear is not None:
+            twin.logits = functools.partial(_swapped_logits, linear, twin)
+        return twin
+
+
+def _swapped_linear(kernel, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    y = kernel(x, module.weight, module.bias)
+    return type(module).forward(module, x) if y is None else y
+
+
+def _swapped_many(kernel, linears: tuple[nn.Linear, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    ys = kernel(x, [m.weight for m in linears], [m.bias for m in linears])
+    return tuple(m(x) for m in linears) if ys is None else tuple(ys)
+
+
+def _swapped_norm(kernel, module: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    y = kernel(x, module.weight, module.eps)
+    return type(module).forward(module, x) if y is None else y
+
+
+def _swapped_logits(kernel, model: Transformer, hidden: torch.Tensor) -> torch.Tensor:
+    y = kernel(hidden, model.output_weight, None)
+    return type(model).logits(model, hidden) if y is None else y
 
 
 def build_model(cfg: ModelConfig, device="cpu", dtype: torch.dtype = torch.float32,

@@ -7,6 +7,7 @@
                 by dtype-aware thresholds, the first diverging module forward and backward
     report.py   report.md, report.json and the PNG figures
     handoff.py  dump a checkpoint on two devices, compare, record the verdict in its
-                sidecar; `check_handoff_allowed` lets later stages refuse a failed handoff
+                sidecar; `chipshift.model.checkpoint.check_handoff_allowed` lets later
+                stages refuse a failed handoff
     train.py    one training config on two targets, loss curves compared step by step
 """

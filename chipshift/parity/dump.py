@@ -371,11 +371,13 @@ def dump_checkpoint(ckpt: str | Path, out: str | Path, *, device: str = "cpu", d
                     seed: int = 0, steps: int = 0, lr: float = 1e-3,
                     max_tensor_mb: float = DEFAULT_MAX_TENSOR_MB, compile: bool = False,
                     threads: int | None = None, deterministic: bool = True,
-                    progress: bool = True) -> Path:
-    """Load `ckpt` on `device` in `dtype`, record a run, write the dump to `out`."""
+                    progress: bool = True, verify: bool = True) -> Path:
+    """Load `ckpt` on `device` in `dtype`, record a run, write the dump to `out`.
+    `verify=False` skips the checksums, for a caller that has just verified them itself."""
     if steps < 0 or batch_size < 1 or seq_len < 1 or max_tensor_mb < 0:
         raise ChipshiftError("--steps and --max-tensor-mb must be >= 0, --batch-size and --seq-len >= 1")
-    sidecar = verify_checkpoint(ckpt)
+    if verify:
+        verify_checkpoint(ckpt)
     dev = get_device(device)
     torch_dtype = dev.precision.compute_dtype(dtype).value
     old_threads = torch.get_num_threads()

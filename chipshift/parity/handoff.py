@@ -3,7 +3,8 @@
 `handoff` verifies the checkpoint's checksums, dumps it on the source and on the target
 (and optionally a float64 reference), compares, writes the report, and appends a record
 (pass / warn / fail with the figures) to the `handoffs` list of the checkpoint's sidecar.
-Every later stage calls `check_handoff_allowed` before it starts from a checkpoint.
+Every later stage calls `chipshift.model.checkpoint.check_handoff_allowed` before it starts
+from a checkpoint: it reads only the sidecar.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from chipshift.errors import ChipshiftError
 from chipshift.model.checkpoint import read_sidecar, update_sidecar, verify_checkpoint
 from chipshift.parity.compare import compare_dumps
 from chipshift.parity.dump import Dump, dump_checkpoint, parse_target
@@ -24,13 +24,14 @@ def handoff(ckpt: str | Path, source: str, target: str, *, reference: str | None
 
     Returns (the handoff record written to the sidecar, the full comparison)."""
     ckpt = Path(ckpt)
-    sidecar = verify_checkpoint(ckpt)
+    sidecar = verify_checkpoint(ckpt)  # once here: the dumps below read what was verified
     out = Path(out) if out is not None else ckpt.with_name(ckpt.name + ".handoff")
     sides = {"a": source, "b": target, **({"reference": reference} if reference else {})}
     dumps = {}
     for key, spec in sides.items():
         device, dtype = parse_target(spec)
-        dumps[key] = Dump(dump_checkpoint(ckpt, out / f"dump-{key}", device=device, dtype=dtype, **dump_kwargs))
+        dumps[key] = Dump(dump_checkpoint(ckpt, out / f"dump-{key}", device=device, dtype=dtype, verify=False,
+                                          **dump_kwargs))
     result = compare_dumps(dumps["a"], dumps["b"], dumps.get("reference"), **(thresholds or {}))
     report = write_report(result, out, sidecar["model_config"]["num_layers"])
     record = {
@@ -50,20 +51,3 @@ def handoff(ckpt: str | Path, source: str, target: str, *, reference: str | None
     handoffs = read_sidecar(ckpt).get("handoffs", [])
     update_sidecar(ckpt, handoffs=[*handoffs, record])
     return record, result
-
-
-def check_handoff_allowed(ckpt: str | Path, force: bool = False) -> dict | None:
-    """The checkpoint's last handoff record (None if it has none); raises a ChipshiftError
-    saying why when that handoff failed, unless `force`."""
-    handoffs = read_sidecar(ckpt).get("handoffs") or []
-    if not handoffs:
-        return None
-    last = handoffs[-1]
-    if last.get("verdict") == "fail" and not force:
-        first = last.get("first_failing") or {}
-        where = ", ".join(f"{d} {n}" for d, n in first.items() if n) or "the loss"
-        raise ChipshiftError(
-            f"checkpoint {ckpt}: its last handoff ({last['from']} -> {last['to']}, {last['time']}) "
-            f"failed, first diverging at {where} (report: {last.get('report')}); fix the target or "
-            f"pass --force to start from it anyway")
-    return last

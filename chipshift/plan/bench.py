@@ -6,7 +6,7 @@ On the local device it measures, and writes to one JSON:
   - training tokens/s and MFU with the training loop's own step
     (`chipshift.train.loop.Trainer.train_step`) at batch sizes 1, 2, 4, ... until the loop's
     memory check refuses one, the device runs out of memory, or the cap is reached, with
-    the peak memory of each and the estimate of `chipshift.plan.memory` beside it;
+    the peak memory of each and the estimate of `chipshift.model.memory` beside it;
   - prefill tokens/s (one forward pass over whole prompts) and decode tokens/s with the
     inference engine (`chipshift.infer.engine.Engine`).
 The JSON names the device, its catalogue entry, versions and every setting, so results
@@ -32,9 +32,9 @@ from tqdm import tqdm
 
 from chipshift.devices import Device, dtype_name, get_device, measure_matmul_flops, parse_dtype
 from chipshift.errors import ChipshiftError
+from chipshift.model import flops, memory
 from chipshift.model.checkpoint import load_checkpoint, read_sidecar, versions
 from chipshift.model.config import PRESETS, ModelConfig, preset
-from chipshift.plan import flops, memory
 
 FORMAT = "chipshift-bench"
 FORMAT_VERSION = 1
@@ -129,14 +129,6 @@ def train_config(s: BenchSettings, dev: Device, cfg: ModelConfig, batch: int):
         optim=OptimConfig(warmup_steps=0, schedule="constant"),
         train=TrainLoopConfig(steps=s.steps + 1, log_every=1_000_000, eval_every=0, ckpt_every=0),
     )
-
-
-def estimated_training_bytes(cfg: ModelConfig, batch: int, seq_len: int, precision: str, attn_impl: str) -> float:
-    """`chipshift.plan.memory`'s estimate for one process (DDP of 1), in this loop's precision."""
-    prec = memory.PRECISIONS["fp32" if precision == "float32" else "bf16-mixed"]
-    m = memory.memory_per_chip(cfg.num_params(), cfg, 1, "ddp", False, prec, batch, seq_len,
-                               "math" if attn_impl == "math" else "flash")
-    return m.total
 
 
 def _trainer(dev: Device, s: BenchSettings, cfg: ModelConfig, checkpoint: str | None, batch: int):
@@ -235,7 +227,8 @@ def measure_training(dev: Device, s: BenchSettings, cfg: ModelConfig, checkpoint
             "peak_flops": peak_value, "peak_source": peak_source, "mfu": achieved / peak_value,
             "ceiling_fraction": achieved / peak_flops[info[4]],
             "peak_memory_bytes": peak,
-            "estimated_memory_bytes": estimated_training_bytes(cfg, batch, s.seq_len, info[1], info[2]),
+            "estimated_memory_bytes": memory.training_memory(cfg, batch, s.seq_len, info[1] != "float32",
+                                                             info[2]).total,
         })
         progress.update(1)
         batch *= 2
@@ -250,7 +243,7 @@ def measure_training(dev: Device, s: BenchSettings, cfg: ModelConfig, checkpoint
     best = max(runs, key=lambda r: r["tokens_per_s"]) if runs else None
     return {"dtype": info[0] if info else None, "precision": info[1] if info else None,
             "attn_impl": info[2] if info else None, "flops_per_token": per_token,
-            "flops_formula": "6N + 12*L*A*S (chipshift.plan.flops)", "runs": runs, "best": best,
+            "flops_formula": "6N + 12*L*A*S (chipshift.model.flops)", "runs": runs, "best": best,
             "largest_batch": runs[-1]["batch"] if runs else None, "stopped": stopped,
             "peak_memory_method": method}
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from chipshift.devices import get_chip, load_catalogue
 from chipshift.errors import ChipshiftError
+from chipshift.model import flops, memory
 from chipshift.model.checkpoint import read_sidecar
 from chipshift.model.config import PRESETS, ModelConfig, preset
-from chipshift.plan import flops, memory
 
 DEFAULT_MFU = 0.40
 DEFAULT_VOCAB = 32000

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from chipshift.model.memory import PRECISIONS
 from chipshift.plan.estimate import Figure, Plan, gb
-from chipshift.plan.memory import PRECISIONS
 
 TAGS = {  # source prefix -> tag used in side-by-side tables
     "datasheet (official)": "D",

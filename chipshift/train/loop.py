@@ -32,8 +32,9 @@ from chipshift.devices import Device, dtype_name, get_device, return_freed_host_
 from chipshift.errors import ChipshiftError, ConfigError
 from chipshift.model.checkpoint import state_dict_for_save
 from chipshift.model.config import ModelConfig
+from chipshift.model.flops import model_flops_per_token
+from chipshift.model.memory import training_memory
 from chipshift.model.transformer import Transformer, build_model
-from chipshift.plan.flops import model_flops_per_token
 from chipshift.train import distributed, state
 from chipshift.train.config import TrainConfig, save_resolved
 from chipshift.train.data import Stream, TokenWindows, rank_slice
@@ -64,21 +65,6 @@ class TrainResult:
     skipped_steps: int = 0
     png: Path | None = None
     is_main: bool = True  # False on the other processes of a torchrun group
-
-
-def memory_estimate(cfg: ModelConfig, micro_batch: int, seq_len: int, param_bytes: int,
-                    act_bytes: int, master: bool, checkpointing: bool, shards: int = 1) -> dict[str, int]:
-    """Rough bytes a step needs on one process: weights, gradients, AdamW moments (1/shards
-    of them when sharded), activations."""
-    P = cfg.num_params()
-    states = P * (2 * param_bytes + 8 + (8 if master else 0)) // shards
-    per_layer = micro_batch * seq_len * (14 * cfg.hidden_size + 5 * cfg.intermediate_size
-                                         + 2 * cfg.num_heads * seq_len) * act_bytes
-    layers = per_layer * (1 if checkpointing else cfg.num_layers)
-    if checkpointing:
-        layers += micro_batch * seq_len * cfg.hidden_size * act_bytes * cfg.num_layers
-    head = 2 * 1024 * cfg.vocab_size * 4 + micro_batch * seq_len * cfg.hidden_size * 8
-    return {"states": states, "activations": layers + head, "total": states + layers + head}
 
 
 class Trainer:
@@ -202,16 +188,15 @@ class Trainer:
 
     # -- set-up checks -----------------------------------------------------------------
     def _check_memory(self, model_cfg: ModelConfig) -> None:
-        half = self.dtype in HALF
-        est = memory_estimate(model_cfg, self.micro, self.cfg.data.seq_len,
-                              2 if self.precision == "master" else 4, 2 if half else 4,
-                              self.precision == "master", self.cfg.run.activation_checkpointing,
+        est = training_memory(model_cfg, self.micro, self.cfg.data.seq_len, self.dtype in HALF,
+                              self.cfg.run.attn_impl, self.cfg.run.activation_checkpointing,
                               self.world.size if self.sharded else 1)
+        states = est.total - est.activations
         have = self.device.total_memory()
-        if est["total"] > 0.9 * have:
+        if est.total > 0.9 * have:
             raise ChipshiftError(
-                f"the batch cannot fit: a step needs about {est['total'] / 2**30:.1f} GiB "
-                f"(weights+optimizer {est['states'] / 2**30:.1f}, activations {est['activations'] / 2**30:.1f}) "
+                f"the batch cannot fit: a step needs about {est.total / 2**30:.1f} GiB "
+                f"(weights+optimizer {states / 2**30:.1f}, activations {est.activations / 2**30:.1f}) "
                 f"and {self.device} has {have / 2**30:.1f} GiB; lower data.micro_batch (now {self.micro}) "
                 f"or data.seq_len, or set run.activation_checkpointing = true")
 
@@ -424,7 +409,8 @@ class _StopSignal:
 
 
 def pretrain_streams(cfg: TrainConfig, seq_len: int) -> tuple[TokenWindows, TokenWindows, str, float | None]:
-    """(train stream, val stream, tokenizer dir, bytes per val token) from `cfg.data.dir`."""
+    """(train stream, val stream, tokenizer dir, val tokens per byte of text, or None when
+    the sample decodes to no bytes) from `cfg.data.dir`."""
     from chipshift.data.shards import check_tokenizer, load_split, read_index
     from chipshift.data.tokenizer import Tokenizer
 

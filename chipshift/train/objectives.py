@@ -20,6 +20,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from chipshift.model.memory import loss_chunk_rows
+
 
 class Objective(Protocol):
     name: str
@@ -29,7 +31,6 @@ class Objective(Protocol):
 
 
 IGNORE_INDEX = -100
-CHUNK_LOGIT_BYTES = 256 * 2**20
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -89,12 +90,11 @@ def _scaled(grad: torch.Tensor, by: torch.Tensor, dtype: torch.dtype) -> torch.T
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                           chunk_rows: int | None = None, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over labels != -100; hidden (N, H), weight (V, H).
-    `chunk_rows` default: as many rows as keep one chunk's float32 logits near 256 MiB
-    (8192 rows at a 8k vocabulary, 2048 at 32k, 512 at 128k): fewer, larger GEMMs where
-    the vocabulary is small, bounded memory where it is large."""
+    `chunk_rows` default: `chipshift.model.memory.loss_chunk_rows`, the rule the memory
+    estimate counts with."""
     compute_dtype = compute_dtype or hidden.dtype
     if chunk_rows is None:
-        chunk_rows = max(256, min(8192, CHUNK_LOGIT_BYTES // (4 * weight.shape[0])))
+        chunk_rows = loss_chunk_rows(weight.shape[0])
     with torch.autocast(hidden.device.type, enabled=False):
         return _ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
                                                 labels.reshape(-1), chunk_rows, compute_dtype,

@@ -10,7 +10,6 @@ own path.
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import functools
 import hashlib
@@ -162,50 +161,35 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     return F.linear(x.float(), w.float(), None if b is None else b.float()).to(torch.bfloat16)
 
 
-def _kernel_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return linear(x, module.weight, module.bias)
+def _twin_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor | None:
+    if w.dtype == torch.bfloat16 and (b is None or b.dtype == torch.bfloat16):
+        return linear(x, w, b)
+    return None
 
 
-def _norm_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if x.dtype == torch.bfloat16 and module.weight.dtype == torch.bfloat16 and _few_rows(x):
-        return bf16_rms_norm(x, module.weight, module.eps)
-    return type(module).forward(module, x)
+def _twin_linear_many(x: torch.Tensor, weights: list[torch.Tensor],
+                      biases: list[torch.Tensor | None]) -> list[torch.Tensor] | None:
+    if _few_rows(x) and all(w.dtype == torch.bfloat16 for w in weights):
+        return bf16_linear_many(x, weights, biases)
+    return None
 
 
-def _joint(linears: tuple[nn.Linear, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    if _few_rows(x) and all(m.weight.dtype == torch.bfloat16 for m in linears):
-        return tuple(bf16_linear_many(x, [m.weight for m in linears], [m.bias for m in linears]))
-    return tuple(m(x) for m in linears)
+def _twin_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    if x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and _few_rows(x):
+        return bf16_rms_norm(x, weight, eps)
+    return None
 
 
 def for_inference(model: nn.Module) -> nn.Module:
-    """A twin of a bfloat16 model for inference on a CPU without bfloat16 arithmetic: the
-    same parameters and buffers (shared, not copied: weights stay bfloat16 in memory, once),
-    its own module objects whose linears, and output projection, run through `linear`,
-    whose RMSNorms run natively and whose attention computes in float32.
-    The caller's model is left as it was."""
-    from chipshift.model.transformer import RMSNorm
-
+    """A twin of a bfloat16 model for inference on a CPU without bfloat16 arithmetic, made by
+    the model's `with_kernels`: the same parameters and buffers (shared, not copied: weights
+    stay bfloat16 in memory, once), whose bfloat16 linears, and output projection, run
+    through `linear`, q/k/v and gate/up each in one `bf16_linear_many` call, whose RMSNorms
+    run natively and whose attention computes in float32. The caller's model is left as it was."""
     _library()  # fail here, not mid-forward, when the kernel cannot be built
-    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    twin = copy.deepcopy(model, memo=shared)
-    for module in twin.modules():
-        if isinstance(module, nn.Linear) and module.weight.dtype == torch.bfloat16 \
-                and (module.bias is None or module.bias.dtype == torch.bfloat16):
-            module.forward = functools.partial(_kernel_forward, module)
-        # projections that read the same input: one kernel call for all of them
-        if hasattr(module, "qkv"):
-            module.qkv = functools.partial(_joint, (module.q_proj, module.k_proj, module.v_proj))
-        if hasattr(module, "gate_up"):
-            module.gate_up = functools.partial(_joint, (module.gate_proj, module.up_proj))
-        if isinstance(module, RMSNorm):
-            module.forward = functools.partial(_norm_forward, module)
     # attention on float32 copies of q, k, v: torch's bfloat16 attention is emulated too;
     # the KV cache is held in float32 (the same bfloat16 values, exactly) so that each row's
     # history is not widened again at every layer and step (~4 ms of a 60 ms SmolLM2 step
     # at batch 8), at twice the cache memory
-    twin.attn_impl = "sdpa_float32"
-    twin.kv_cache_dtype = torch.float32
-    if hasattr(twin, "output_weight"):
-        twin.logits = lambda hidden: linear(hidden, twin.output_weight)
-    return twin
+    return model.with_kernels(linear=_twin_linear, linear_many=_twin_linear_many, rms_norm=_twin_rms_norm,
+                              attn_impl="sdpa_float32", kv_cache_dtype=torch.float32)

@@ -36,11 +36,6 @@ def flops_per_token(n_matmul: float, num_layers: int, attn_dim: int, seq_len: in
     return 6.0 * n_matmul + 12.0 * num_layers * attn_dim * seq_len
 
 
-def forward_flops_per_token(n_matmul: float, num_layers: int, attn_dim: int, context: int) -> float:
-    """Forward-only FLOPs per token at a given attention context: 2N + 4 L A context."""
-    return 2.0 * n_matmul + 4.0 * num_layers * attn_dim * context
-
-
 def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return flops_per_token(matmul_params(cfg), cfg.num_layers, attention_dim(cfg), seq_len)
 

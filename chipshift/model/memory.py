@@ -27,8 +27,12 @@ With activation checkpointing each layer keeps only its input (h per token) and 
 is recomputed at a time during the backward pass. On top of the layers: the final norm and
 the loss head of chipshift's training loop (`chipshift.train.objectives`), a chunked
 cross-entropy that never holds the full logits: per token the gradient of the hidden state
-(b h), plus a float32 gradient of the output weight (4 V h) and one chunk of 1024 rows of
-float32 logits (4 V per row, plus their cast when b < 4).
+(b h), plus a float32 gradient of the output weight (4 V h) and one chunk of float32
+logits (4 V per row, plus their cast when b < 4). `loss_chunk_rows` sizes that chunk, for
+the objective and for this estimate alike.
+
+`training_memory` is the same arithmetic in the training loop's terms; the loop checks a
+batch with it before building the model.
 """
 
 from __future__ import annotations
@@ -59,8 +63,15 @@ PRECISIONS = {
 
 # FSDP gathers this many layers at once: the one computing and the one being prefetched.
 FSDP_LAYERS_IN_FLIGHT = 2
-# rows of logits the chunked cross-entropy of chipshift.train.objectives computes at once
-LOSS_CHUNK_ROWS = 1024
+# the chunked cross-entropy's float32 logits per chunk aim at this many bytes
+LOSS_CHUNK_LOGIT_BYTES = 256 * 2**20
+
+
+def loss_chunk_rows(vocab_size: int) -> int:
+    """Rows of logits the chunked cross-entropy computes at once: as many as keep one chunk's
+    float32 logits near 256 MiB (8192 rows at a 8k vocabulary, 2048 at 32k, 512 at 128k):
+    fewer, larger GEMMs where the vocabulary is small, bounded memory where it is large."""
+    return max(256, min(8192, LOSS_CHUNK_LOGIT_BYTES // (4 * vocab_size)))
 
 
 def layer_activation_bytes(cfg: ModelConfig, seq_len: int, act_bytes: int, attention: str = "flash") -> int:
@@ -90,7 +101,7 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, precision
         layers = cfg.num_layers * full_layer
     h, V = cfg.hidden_size, cfg.vocab_size
     head_per_token = (2 * b * h + 4) + b * h  # final norm, gradient of the hidden state
-    head_fixed = 4 * V * h + min(tokens, LOSS_CHUNK_ROWS) * V * (4 + (b if b < 4 else 0))
+    head_fixed = 4 * V * h + min(tokens, loss_chunk_rows(V)) * V * (4 + (b if b < 4 else 0))
     return tokens * (layers + head_per_token) + head_fixed
 
 
@@ -157,3 +168,19 @@ def smallest_count(n_params: float, cfg: ModelConfig, usable_bytes: float, strat
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if fits(mid) else (mid, hi)
     return hi
+
+
+def training_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, half: bool, attn_impl: str,
+                    checkpointing: bool = False, shards: int = 1) -> MemoryPerChip:
+    """Bytes one process of chipshift's training loop needs for a step.
+
+    `half`: activations in bfloat16 or float16. Half-precision parameters with float32 master
+    weights and float32 parameters under autocast both keep 16 bytes of state per parameter,
+    as the bf16-mixed recipe does. `attn_impl`: the model's attention; "math" keeps the
+    softmax probabilities, the fused kernels only their log-sum-exp. `shards` > 1: FSDP over
+    that many processes.
+    """
+    precision = PRECISIONS["bf16-mixed" if half else "fp32"]
+    strategy = "fsdp" if shards > 1 else "ddp"
+    return memory_per_chip(cfg.num_params(), cfg, shards, strategy, checkpointing, precision, micro_batch,
+                           seq_len, "math" if attn_impl == "math" else "flash")
