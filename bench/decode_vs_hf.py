@@ -226,7 +226,11 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
-    summary = {"bench": "decode_vs_hf", "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS,
+    from chipshift.devices import machine_facts
+
+    machine = machine_facts()  # figures hold for one CPU class: the JSON names it
+    print(f"machine: {machine['cpu']} ({machine['cpu_class']}), {machine['cores']} cores, torch {machine['torch']}")
+    summary = {"bench": "decode_vs_hf", "machine": machine, "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS,
                "copy_bandwidth_gbs": round(bandwidth / 1e9, 2), "results": []}
     paths = {}
     for name in args.models.split(","):

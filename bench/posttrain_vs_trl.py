@@ -177,7 +177,11 @@ def main() -> None:
         print(json.dumps(run(args.kind, args)))
         return
     prepare(args)
-    summary = {"bench": "posttrain_vs_trl", "dtype": "float32", "batch": args.batch, "seq_len": args.seq_len,
+    from chipshift.devices import machine_facts
+
+    machine = machine_facts()  # figures hold for one CPU class: the JSON names it
+    print(f"machine: {machine['cpu']} ({machine['cpu_class']}), {machine['cores']} cores, torch {machine['torch']}")
+    summary = {"bench": "posttrain_vs_trl", "machine": machine, "dtype": "float32", "batch": args.batch, "seq_len": args.seq_len,
                "steps": args.steps, "rounds": args.rounds,
                "sft_activation_checkpointing": not args.sft_keep_activations}
     for kind in args.kinds.split(","):

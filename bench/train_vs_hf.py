@@ -182,6 +182,10 @@ def main() -> None:
     from chipshift.model.config import preset
     from chipshift.model.flops import model_flops_per_token as flops_per_token
 
+    from chipshift.devices import machine_facts
+
+    machine = machine_facts()  # figures hold for one CPU class: the JSON names it
+    print(f"machine: {machine['cpu']} ({machine['cpu_class']}), {machine['cores']} cores, torch {machine['torch']}")
     dtypes = a.dtypes.split(",")
     ceilings = {d: run_worker(["--worker", "ceiling", "--dtype", d, "--device", a.device])["flops"]
                 for d in sorted(set(dtypes) | {"fp32"})}
@@ -216,7 +220,7 @@ def main() -> None:
                   f"{row['ratio']:.2f}x; MFU {row['ours_mfu']:.1%} vs {row['hf_mfu']:.1%} "
                   f"(ceiling {ceiling / 1e9:.0f} GFLOP/s); peak {row['ours_peak_mib']:.0f} vs "
                   f"{row['hf_peak_mib']:.0f} MiB", flush=True)
-    print(json.dumps({"bench": "train_vs_hf", "batch": BATCH, "seq": SEQ, "ceilings_gflops":
+    print(json.dumps({"bench": "train_vs_hf", "machine": machine, "batch": BATCH, "seq": SEQ, "ceilings_gflops":
                       {d: f / 1e9 for d, f in ceilings.items()}, "results": results}))
 
 

@@ -75,8 +75,8 @@ def test_greedy_bf16_agrees_up_to_rounding(monkeypatch, half, kernels_pin):
     policy's three bfloat16 paths: torch's native kernels, chipshift's kernel twin, torch's
     emulated kernels (no C compiler)."""
     monkeypatch.setenv("CHIPSHIFT_HALF", half)
-    builds = kernels.bf16_linear_status() is None
     monkeypatch.setenv("CHIPSHIFT_CPU_KERNELS", kernels_pin)
+    builds = kernels.bf16_linear_status() is None  # False on a machine without a C compiler
     model = tiny(torch.bfloat16)
     engine = Engine(model, max_batch=4)
     twin = half == "emulated" and kernels_pin == "auto" and builds

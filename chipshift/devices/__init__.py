@@ -37,7 +37,8 @@ from chipshift.errors import ConfigError, DeviceError
 
 __all__ = [
     "BACKENDS", "Backend", "Chip", "Decision", "Device", "DTYPES", "PrecisionPolicy", "get_device", "get_chip",
-    "load_catalogue", "match_chip", "known_types", "parse_dtype", "device_report",
+    "load_catalogue", "match_chip", "known_types", "parse_dtype", "device_report", "cpu_class", "cpu_flags",
+    "machine_facts",
 ]
 
 ENV_VAR = "CHIPSHIFT_DEVICE"
@@ -98,6 +99,38 @@ def return_freed_host_memory(threshold: int = 1 << 20) -> bool:
         return done
     except (OSError, AttributeError):
         return False
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_class() -> str:
+    """The CPU class a speed figure holds for. Machines of one kind differ in it: AVX2-only
+    CPUs emulate bfloat16 (slower than float32), AVX512-BF16 and AMX CPUs compute it natively
+    (faster than float32), and chipshift's fast paths differ between them."""
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
+        return "AVX512-BF16+AMX" if "avx512_bf16" in flags else "AMX"
+    if "avx512_bf16" in flags:
+        return "AVX512-BF16"
+    if "avx2" in flags:
+        return "AVX2"
+    return os.uname().machine
+
+
+def machine_facts() -> dict:
+    """What a benchmark's JSON names the machine by: CPU model and class, cores, torch."""
+    return {"cpu": Device("cpu").name, "cpu_class": cpu_class(), "cores": os.cpu_count(),
+            "torch": torch.__version__}
 
 
 _CPU_PEAK_CACHE: dict[str, float] = {}
@@ -309,6 +342,7 @@ def device_report(dev: Device) -> dict:
     return {
         "type": dev.type,
         "name": dev.name,
+        **({"cpu_class": cpu_class()} if dev.is_cpu else {}),
         "count": dev.count,
         "memory_gb": round(dev.total_memory() / 1e9, 1),
         "working_dtypes": dev.working_dtypes(),

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from chipshift.devices import Device, dtype_name, get_device, measure_matmul_flops, parse_dtype
+from chipshift.devices import Device, cpu_class, dtype_name, get_device, measure_matmul_flops, parse_dtype
 from chipshift.errors import ChipshiftError
 from chipshift.model import flops, memory
 from chipshift.model.checkpoint import load_checkpoint, read_sidecar, versions
@@ -332,7 +332,8 @@ def run_bench(dev: Device, s: BenchSettings, progress_enabled: bool = True) -> d
         "wall_s": time.perf_counter() - t_start,
         "device": {"type": dev.type, "spec": str(dev), "name": dev.name, "count": dev.count,
                    "memory_bytes": dev.total_memory(), "collective": dev.collective,
-                   "working_dtypes": dev.working_dtypes(), "threads": torch.get_num_threads()},
+                   "working_dtypes": dev.working_dtypes(), "threads": torch.get_num_threads(),
+                   **({"cpu_class": cpu_class()} if dev.is_cpu else {}), "precision": dev.precision.report()},
         "catalogue": None if chip is None else {
             "key": chip.key, "name": chip.name, "status": chip.status, "source": chip.source,
             "tflops_bf16": chip.tflops_bf16, "memory_gb": chip.memory_gb, "power_w": chip.power_w},
