@@ -53,4 +53,4 @@ def cmd_run(args) -> int:
 
 def final_model(recipe: Recipe, state: RunState) -> str | None:
     models = [s for s in recipe.stages if s.kind in MAKES_MODEL]
-    return state.data["stages"][models[-1].name]["result"]["model"] if models else None
+    return state.result(models[-1].name).model if models else None

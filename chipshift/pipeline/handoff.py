@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from chipshift.pipeline.recipe import HANDOFF_DUMP_KEYS, Stage
-from chipshift.pipeline.state import Context, resolved_target
+from chipshift.pipeline.state import Context, HandoffResult, resolved_target
 
 
 def handoff_before(ctx: Context, st: Stage, chain: str) -> None:
@@ -47,10 +47,11 @@ def handoff_before(ctx: Context, st: Stage, chain: str) -> None:
                 "kind": "handoff", "status": "done" if record["verdict"] != "fail" else "failed",
                 "fingerprint": fp, "from_stage": src.name, "to_stage": st.name, "seconds": time.perf_counter() - t0,
                 "settings": st.handoff,
-                "result": {"verdict": record["verdict"], "from": frm, "to": to, "rule": record["rule"],
-                           "first_failing": record["first_failing"], "loss_max_rel_diff": record["loss_max_rel_diff"],
-                           "worst_error": worst, "report": str(report_dir / "report.md"),
-                           "figure": str(report_dir / "depth.png"), "checkpoint": str(ckpt)}}
+                "result": HandoffResult(
+                    verdict=record["verdict"], from_target=frm, to_target=to, rule=record["rule"],
+                    first_failing=record["first_failing"], loss_max_rel_diff=record["loss_max_rel_diff"],
+                    worst_error=worst, report=str(report_dir / "report.md"), figure=str(report_dir / "depth.png"),
+                    checkpoint=str(ckpt)).to_json()}
             ctx.state.save()
             print(f"  verdict: {record['verdict']} ({record['rule']})", flush=True)
     check_handoff_allowed(ckpt, force=ctx.force)

@@ -13,7 +13,7 @@ from chipshift.pipeline.handoff import handoff_before
 from chipshift.pipeline.recipe import MAKES_MODEL, TRAINING, USES_MODEL, Recipe
 from chipshift.pipeline.stages import (run_data, run_eval, run_export, run_import, run_posttrain_stage,
                                        run_pretrain, run_serve, run_tokenizer)
-from chipshift.pipeline.state import Context, Interrupted, RunState, resolved_target, sha256_of
+from chipshift.pipeline.state import Context, Interrupted, RunState, resolved_target
 
 RUNNERS = {"tokenizer": run_tokenizer, "data": run_data, "import": run_import, "pretrain": run_pretrain,
            "sft": run_posttrain_stage, "dpo": run_posttrain_stage, "eval": run_eval, "serve": run_serve, "export": run_export}
@@ -70,8 +70,7 @@ def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = True) ->
                 rec["seconds"] = rec["seconds_before"] + time.perf_counter() - t0
                 # this process's CPU time (all its threads): on a shared machine, steadier than wall time
                 rec["cpu_seconds"] = time.process_time() - cpu0
-            result["outputs"] = {str(p): sha256_of(Path(p)) for p in result.get("outputs", [])}
-            rec.update(status="done", result=result,
+            rec.update(status="done", result=result.to_json(),
                        peak_memory=dev.max_memory_allocated() if st.nproc == 1 else None)
             state.save()
         except (Interrupted, KeyboardInterrupt) as exc:

@@ -1,5 +1,5 @@
 """The stage runners: one function per stage kind, each a thin call into the library that
-does the work, returning what the state records of it."""
+does the work, returning its typed result (chipshift.pipeline.state), which the state records."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from pathlib import Path
 
 from chipshift.errors import ChipshiftError
 from chipshift.pipeline.recipe import Stage, posttrain_config, training_config, write_toml
-from chipshift.pipeline.state import Context, Interrupted, resolved_target
+from chipshift.pipeline.state import (Context, DataResult, EvalResult, ExportResult, Interrupted, ModelResult,
+                                      ServeResult, TokenizerResult, TrainingResult, resolved_target)
 
 
 def _cap_per_source(corpora: dict, max_chars: int) -> list[str]:
@@ -38,7 +39,7 @@ def _cap_per_source(corpora: dict, max_chars: int) -> list[str]:
     return out
 
 
-def run_tokenizer(ctx: Context, st: Stage) -> dict:
+def run_tokenizer(ctx: Context, st: Stage) -> TokenizerResult:
     from chipshift.data.corpora import load_corpora
     from chipshift.data.tokenizer import Tokenizer
     from chipshift.data.tokenizer_train import compression, train_and_save
@@ -56,21 +57,21 @@ def run_tokenizer(ctx: Context, st: Stage) -> dict:
         metrics[f"{name}_chars_per_token"] = c["chars_per_token"]
         if "tokens_per_cjk_char" in c:
             metrics[f"{name}_tokens_per_cjk_char"] = c["tokens_per_cjk_char"]
-    return {"tokenizer": str(out), "outputs": [out / "tokenizer.json"], "metrics": metrics}
+    return TokenizerResult(tokenizer=str(out), outputs=[out / "tokenizer.json"], metrics=metrics)
 
 
-def run_data(ctx: Context, st: Stage) -> dict:
+def run_data(ctx: Context, st: Stage) -> DataResult:
     from chipshift.data.shards import prepare
 
     tok_stage = [s for s in ctx.recipe.stages[:ctx.recipe.stages.index(st)] if s.kind == "tokenizer"][-1]
     s, out = st.settings, ctx.stage_dir(st)
-    index = prepare(ctx.result(tok_stage.name)["tokenizer"], out, s["sources"], s["files"], s["val_fraction"])
+    index = prepare(ctx.state.result(tok_stage.name).tokenizer, out, s["sources"], s["files"], s["val_fraction"])
     metrics = {f"{split}_tokens": info["tokens"] for split, info in index["splits"].items()}
-    return {"data_dir": str(out), "outputs": [out / "index.json", out / "train.bin", out / "val.bin"],
-            "metrics": metrics}
+    return DataResult(data_dir=str(out), outputs=[out / "index.json", out / "train.bin", out / "val.bin"],
+                      metrics=metrics)
 
 
-def run_import(ctx: Context, st: Stage) -> dict:
+def run_import(ctx: Context, st: Stage) -> ModelResult:
     from chipshift.model.checkpoint import read_sidecar
     from chipshift.model.gguf import import_gguf
     from chipshift.model.hf import import_hf, is_hf_folder
@@ -88,8 +89,8 @@ def run_import(ctx: Context, st: Stage) -> dict:
         raise ChipshiftError(f"stages.{st.name}.source = {str(src)!r}: neither a .gguf file nor a "
                              f"Hugging Face folder (config.json)")
     cfg = read_sidecar(out)["model_config"]
-    return {"model": str(out), "outputs": [out / "model.safetensors"],
-            "metrics": {"params_M": round(_num_params(cfg) / 1e6, 1), "imported_from": str(src)}}
+    return ModelResult(model=str(out), outputs=[out / "model.safetensors"],
+                       metrics={"params_M": round(_num_params(cfg) / 1e6, 1), "imported_from": str(src)})
 
 
 def _num_params(cfg_dict: dict) -> int:
@@ -137,7 +138,7 @@ def summarise_metrics(metrics_path: Path) -> dict:
     return out
 
 
-def run_training(ctx: Context, st: Stage, command: str, start, config_path: Path | None = None) -> dict:
+def run_training(ctx: Context, st: Stage, command: str, start, config_path: Path | None = None) -> TrainingResult:
     """A training stage: in this process through `start(resume)`, or through torchrun
     (`chipshift COMMAND config_path`) when nproc > 1; resumes from the newest checkpoint."""
     from chipshift.train import state as train_state
@@ -153,11 +154,11 @@ def run_training(ctx: Context, st: Stage, command: str, start, config_path: Path
         if result.stopped == "signal":
             raise Interrupted(f"{st.name}: stopped by a signal at step {result.step}")
     ckpt = train_state.latest_valid(out)[0]
-    return {"model": str(ckpt), "outputs": [ckpt / "model.safetensors"], "metrics_file": str(out / "metrics.jsonl"),
-            "metrics": summarise_metrics(out / "metrics.jsonl")}
+    return TrainingResult(model=str(ckpt), outputs=[ckpt / "model.safetensors"],
+                          metrics_file=str(out / "metrics.jsonl"), metrics=summarise_metrics(out / "metrics.jsonl"))
 
 
-def run_posttrain_stage(ctx: Context, st: Stage) -> dict:
+def run_posttrain_stage(ctx: Context, st: Stage) -> TrainingResult:
     """SFT or DPO (chipshift.train.posttrain_cli) from the model of stage `from`; its own
     before/after evaluation lands in the stage's metrics."""
     from chipshift.train.posttrain_cli import run_posttrain
@@ -180,18 +181,18 @@ def run_posttrain_stage(ctx: Context, st: Stage) -> dict:
     for when in ("before", "after"):
         for k, v in (evaluation.get(when) or {}).items():
             if isinstance(v, float):
-                result["metrics"][f"{k}_{when}"] = v
+                result.metrics[f"{k}_{when}"] = v
                 if when == "after":
-                    result["metrics"][k] = v
+                    result.metrics[k] = v
     return result
 
 
-def run_pretrain(ctx: Context, st: Stage) -> dict:
+def run_pretrain(ctx: Context, st: Stage) -> TrainingResult:
     from chipshift.train.loop import train
 
     out = ctx.stage_dir(st)
     data_stages = [s for s in ctx.recipe.stages[:ctx.recipe.stages.index(st)] if s.kind == "data"]
-    data_dir = ctx.result(data_stages[-1].name)["data_dir"] if data_stages else ""
+    data_dir = ctx.state.result(data_stages[-1].name).data_dir if data_stages else ""
     cfg = training_config(st.name, st.kind, st.settings, out_dir=out, device=st.device, dtype=st.dtype,
                           seed=ctx.recipe.seed, data_dir=data_dir)
     config_path = write_toml(cfg.to_dict(), out / "config.toml") if st.nproc > 1 else None
@@ -199,7 +200,7 @@ def run_pretrain(ctx: Context, st: Stage) -> dict:
                         config_path=config_path)
 
 
-def run_eval(ctx: Context, st: Stage) -> dict:
+def run_eval(ctx: Context, st: Stage) -> EvalResult:
     """Held-out identity accuracy and preference accuracy (chipshift.train.evaluate) and
     greedy answers to the recipe's prompts, on the stage's device and dtype."""
     import torch
@@ -234,10 +235,10 @@ def run_eval(ctx: Context, st: Stage) -> dict:
     for k, v in metrics.items():
         print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}", flush=True)
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
-    return {"outputs": [], "metrics": metrics, "samples": samples}
+    return EvalResult(metrics=metrics, samples=samples)
 
 
-def run_serve(ctx: Context, st: Stage) -> dict:
+def run_serve(ctx: Context, st: Stage) -> ServeResult:
     """`chipshift serve` in a subprocess on 127.0.0.1 (a free port), a few chat requests
     through the official `openai` client, then the server is stopped."""
     import httpx
@@ -284,25 +285,25 @@ def run_serve(ctx: Context, st: Stage) -> dict:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    return {"outputs": [], "samples": answers,
-            "metrics": {"requests": len(answers), "completion_tokens": tokens,
-                        "tokens_per_s": tokens / seconds if seconds else None, "port": port},
-            "command": f"chipshift chat {ckpt}    (or: chipshift serve {ckpt})"}
+    return ServeResult(samples=answers,
+                       metrics={"requests": len(answers), "completion_tokens": tokens,
+                                "tokens_per_s": tokens / seconds if seconds else None, "port": port},
+                       command=f"chipshift chat {ckpt}    (or: chipshift serve {ckpt})")
 
 
-def run_export(ctx: Context, st: Stage) -> dict:
+def run_export(ctx: Context, st: Stage) -> ExportResult:
     """Hugging Face folder; with check_transformers, `transformers` loads it and its greedy
     tokens must equal chipshift's own (float32 on the CPU, both sides)."""
     from chipshift.model.hf import export_hf
 
     ckpt, out = ctx.model_of(st), ctx.stage_dir(st)
     export_hf(ckpt, out)
-    result = {"export": str(out), "outputs": [out / "model.safetensors"], "metrics": {"format": "hf"}}
+    result = ExportResult(export=str(out), outputs=[out / "model.safetensors"], metrics={"format": "hf"})
     if st.settings["check_transformers"]:
         check = transformers_greedy_check(ckpt, out, st.settings["prompt"], st.settings["max_new_tokens"])
-        result["metrics"].update(transformers_loads=True, same_greedy_tokens=check["same"],
+        result.metrics.update(transformers_loads=True, same_greedy_tokens=check["same"],
                                  greedy_tokens=len(check["chipshift"]))
-        result["samples"] = [{"prompt": st.settings["prompt"], "answer": check["text"], "who": "transformers"}]
+        result.samples = [{"prompt": st.settings["prompt"], "answer": check["text"], "who": "transformers"}]
         print(f"  transformers greedy tokens {'==' if check['same'] else '!='} chipshift's: {check['text']!r}")
         if not check["same"]:
             raise ChipshiftError(f"stages.{st.name}: transformers generates {check['transformers']} but "
