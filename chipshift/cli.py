@@ -24,7 +24,7 @@ COMMAND_MODULES = (
     "chipshift.train.posttrain_cli",
     "chipshift.infer.cli",
     "chipshift.parity.cli",
-    "chipshift.pipeline",
+    "chipshift.pipeline.cli",
 )
 
 

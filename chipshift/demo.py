@@ -37,5 +37,5 @@ def answer(model, tokenizer, question: str, max_new_tokens: int = 40, stream: bo
 
 
 def run(args) -> int:
-    from chipshift.pipeline import cmd_run
+    from chipshift.pipeline.cli import cmd_run
     return cmd_run(args)

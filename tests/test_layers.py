@@ -22,7 +22,7 @@ LAYERS = [
     {"parity"},
     {"infer"},
     {"plan"},
-    {"pipeline", "pipeline_report"},
+    {"pipeline"},
     {"cli", "demo", "__main__"},
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}

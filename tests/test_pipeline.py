@@ -125,6 +125,35 @@ def test_set_overrides_any_key():
         load_recipe("demo", ["nodots=1"])
 
 
+def test_state_results_read_back_as_their_types(tmp_path):
+    """A state.json written before stage results were typed (same keys) still resumes: every
+    result reads back as its type and writes the same JSON again."""
+    from chipshift.pipeline.state import HandoffResult, RunState, TrainingResult, sha256_of
+
+    weights = tmp_path / "pretrain" / "model.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"weights")
+    pretrain = {"model": str(weights.parent), "outputs": {str(weights): sha256_of(weights)},
+                "metrics_file": str(tmp_path / "metrics.jsonl"), "metrics": {"final_loss": 1.5}}
+    handoff = {"verdict": "pass", "from": "cpu:float32", "to": "cpu:bfloat16", "rule": "r", "first_failing": {},
+               "loss_max_rel_diff": 0.01, "worst_error": {"forward": 0.1}, "report": "r.md", "figure": "d.png",
+               "checkpoint": str(weights.parent)}
+    (tmp_path / "state.json").write_text(json.dumps({"stages": {
+        "pretrain": {"kind": "pretrain", "status": "done", "fingerprint": "f", "result": pretrain},
+        "handoff.sft": {"kind": "handoff", "status": "done", "result": handoff}}}))
+    state = RunState(tmp_path)
+    result = state.result("pretrain")
+    assert isinstance(result, TrainingResult) and result.model == str(weights.parent)
+    assert result.outputs == [weights] and result.metrics["final_loss"] == 1.5
+    assert result.to_json() == pretrain and state.finished("pretrain", "f")
+    verdict = state.result("handoff.sft")
+    assert isinstance(verdict, HandoffResult)
+    assert (verdict.from_target, verdict.to_target) == ("cpu:float32", "cpu:bfloat16")
+    assert verdict.to_json() == handoff
+    weights.write_bytes(b"changed")
+    assert not state.finished("pretrain", "f")
+
+
 # -- a whole small run, interrupted ------------------------------------------------------------
 SMALL = """
 [recipe]

@@ -1,0 +1,59 @@
+"""The verified handoff before a stage whose model was made on another device or dtype."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+from chipshift.pipeline.recipe import HANDOFF_DUMP_KEYS, Stage
+from chipshift.pipeline.state import Context, HandoffResult, resolved_target
+
+
+def handoff_before(ctx: Context, st: Stage, chain: str) -> None:
+    """Run the verified handoff between st's model and st when device or dtype differ (once;
+    recorded in the state), then refuse a checkpoint whose last handoff failed unless --force."""
+    from chipshift.model.checkpoint import check_handoff_allowed
+    from chipshift.parity.handoff import handoff
+
+    src = ctx.recipe.stage(st.source)
+    ckpt = ctx.model_of(st)
+    a = resolved_target(src.device, src.dtype)
+    b = resolved_target(st.device, st.dtype)
+    if a != b:
+        key = f"handoff.{st.name}"
+        fp = hashlib.sha256(f"{chain}{a}{b}{sorted(st.handoff.items())}".encode()).hexdigest()[:16]
+        rec = ctx.state.data["stages"].get(key) or {}
+        same = [r for k, r in ctx.state.data["stages"].items() if k != key and r.get("kind") == "handoff"
+                and r.get("status") == "done" and r["result"]["checkpoint"] == str(ckpt)
+                and (r["result"]["from"], r["result"]["to"]) == (":".join(a), ":".join(b))
+                and r.get("settings", {}) == st.handoff]
+        if same and rec.get("fingerprint") != fp:  # this checkpoint already made this move: one check is enough
+            ctx.state.data["stages"][key] = {**same[0], "fingerprint": fp, "to_stage": st.name, "seconds": 0.0,
+                                            "reused": True}
+            ctx.state.save()
+            print(f"== handoff {src.name} -> {st.name}: verified already ({same[0]['result']['verdict']})")
+        elif rec.get("fingerprint") != fp or rec.get("status") not in ("done", "failed"):
+            frm, to = ":".join(a), ":".join(b)
+            print(f"== handoff {src.name} -> {st.name}: {frm} -> {to}", flush=True)
+            t0 = time.perf_counter()
+            dump = {k: v for k, v in st.handoff.items() if k in HANDOFF_DUMP_KEYS}
+            thresholds = {k: v for k, v in st.handoff.items() if k not in HANDOFF_DUMP_KEYS}
+            record, result = handoff(ckpt, frm, to, out=ctx.run_dir / "handoffs" / f"{src.name}-to-{st.name}",
+                                     thresholds=thresholds, progress=ctx.progress, **dump)
+            report_dir = Path(record["report"]).parent
+            worst = {d: max((r.get("error", 0.0) or 0.0 for r in result["modules"][d]), default=0.0)
+                     for d in result["modules"]}
+            ctx.state.data["stages"][key] = {
+                "kind": "handoff", "status": "done" if record["verdict"] != "fail" else "failed",
+                "fingerprint": fp, "from_stage": src.name, "to_stage": st.name, "seconds": time.perf_counter() - t0,
+                "settings": st.handoff,
+                "result": HandoffResult(
+                    verdict=record["verdict"], from_target=frm, to_target=to, rule=record["rule"],
+                    first_failing=record["first_failing"], loss_max_rel_diff=record["loss_max_rel_diff"],
+                    worst_error=worst, report=str(report_dir / "report.md"), figure=str(report_dir / "depth.png"),
+                    checkpoint=str(ckpt)).to_json()}
+            ctx.state.save()
+            print(f"  verdict: {record['verdict']} ({record['rule']})", flush=True)
+    check_handoff_allowed(ckpt, force=ctx.force)
+
