@@ -434,11 +434,12 @@ def pretrain_streams(cfg: TrainConfig, seq_len: int) -> tuple[TokenWindows, Toke
 def train(cfg: TrainConfig, objective: Objective | None = None, train_stream: Stream | None = None,
           val_stream: Stream | None = None, *, resume: bool = False, model: Transformer | None = None,
           tokenizer_dir: str | Path | None = None, bytes_per_token: float | None = None,
-          progress: bool = True, log=print) -> TrainResult:
-    """Run (or resume) a training run; see the module docstring."""
+          progress: bool = True, log=print, device: Device | None = None) -> TrainResult:
+    """Run (or resume) a training run; see the module docstring. `device`: the Device the
+    caller already resolved from `cfg.run.device`, if any."""
     objective = objective or LanguageModeling()
     run_dir = Path(cfg.run.out)
-    device = get_device(cfg.run.device)
+    device = device or get_device(cfg.run.device)
     world = distributed.init(device)
     try:
         model_cfg, found = None, None

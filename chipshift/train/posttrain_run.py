@@ -199,7 +199,7 @@ def run_posttrain(cfg: PostTrainConfig, *, resume: bool = False, force: bool = F
         if cfg.lora.enabled:
             apply_lora(model, cfg.lora, tcfg.run.seed)
         result = train(tcfg, objective, train_stream, val_stream, resume=resume, model=model,
-                       tokenizer_dir=post.init, progress=progress, log=log)
+                       tokenizer_dir=post.init, progress=progress, log=log, device=device)
         if world.is_main and result.stopped == "done":
             if post.evaluate:
                 evaluation["after"] = _evaluate(cfg, model, tok, val_stream)
