@@ -24,8 +24,9 @@ def run(args) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     head = ["type", "name", "count", "memory GB", "working dtypes", "collective", "catalogue", "peak TFLOP/s"]
-    table = [[r["type"], r["name"] + (f" ({r['cpu_class']})" if "cpu_class" in r else ""), str(r["count"]), str(r["memory_gb"]), ",".join(r["working_dtypes"]),
-              r["collective"], r["catalogue"] or "-", f'{r["peak_tflops"]} ({r["peak_source"]})'] for r in rows]
+    table = [[r["type"], r["name"] + (f" ({r['cpu_class']})" if "cpu_class" in r else ""), str(r["count"]),
+              str(r["memory_gb"]), ",".join(r["working_dtypes"]), r["collective"], r["catalogue"] or "-",
+              f'{r["peak_tflops"]} ({r["peak_source"]})'] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *table)]
     for row in [head, ["-" * w for w in widths], *table]:
         print("  ".join(x.ljust(w) for x, w in zip(row, widths)))
