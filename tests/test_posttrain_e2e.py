@@ -1,6 +1,14 @@
 """The whole post-training story on a model pre-trained here (slow: minutes on 2 idle cores):
 pretrain on the built-in corpora -> SFT lifts held-out identity accuracy from ~0 to >= 90%
--> DPO lifts held-out preference accuracy (per token) by >= 20 points over the SFT model."""
+-> DPO lifts held-out preference accuracy (per token) over the SFT model to >= 78%.
+
+Everything runs in float32, yet the trained models differ by CPU class: AVX2 and
+AVX512/AMX CPUs round float32 GEMMs differently, and 650 steps carry that into another SFT
+model. DPO lands at the same place from either, but the SFT model's own score does not:
+    AVX2 (AMD EPYC)                    60.7% -> 83.6% (+22.9 points)
+    AVX512-BF16+AMX (Intel Xeon)       68.0% -> 81.1% (+13.1 points)
+So the test asks for what holds on both: at least 78% after DPO, and a lift of at least
+10 points (about 12 of the 122 held-out pairs turned)."""
 
 import json
 
@@ -60,7 +68,8 @@ def test_sft_then_dpo_on_a_model_pretrained_here(tmp_path):
               *DPO, "--out", tmp_path / "dpo", "--no-progress")
     dpo = json.loads((tmp_path / "dpo" / "eval.json").read_text())
     before, after = dpo["before"], dpo["after"]
-    assert after["preference_accuracy"] - before["preference_accuracy"] >= 0.20  # per token
+    assert after["preference_accuracy"] >= 0.78  # per token
+    assert after["preference_accuracy"] - before["preference_accuracy"] >= 0.10
     # summed log-probs rank the shorter reply higher (chipshift.train.evaluate): DPO barely
     # moves that form on this model, but must not make it worse
     assert after["preference_accuracy_sum"] >= before["preference_accuracy_sum"] - 0.05
