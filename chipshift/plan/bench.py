@@ -84,7 +84,8 @@ def matmul_ceilings(dev: Device) -> dict[str, dict]:
     for name in dev.working_dtypes():
         dtype = parse_dtype(name)
         # CPUs without native half-precision GEMMs emulate them ~10-100x slower: keep those small
-        half_on_cpu = dev.is_cpu and dtype in (torch.bfloat16, torch.float16)
+        half_on_cpu = dev.is_cpu and dtype in (torch.bfloat16, torch.float16) \
+            and not dev.precision.half_native(dtype).value
         n = (256 if half_on_cpu else 512 if dtype == torch.float64 else 1024) if dev.is_cpu else 8192
         out[name] = {"flops": measure_matmul_flops(dev.torch_device, dtype, n=n, seconds=0.3, sync=dev.synchronize),
                      "n": n}
