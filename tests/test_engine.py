@@ -66,20 +66,21 @@ def test_greedy_rows_unaffected_by_sampling_neighbours(reference):
         assert requests[i].output_ids == want[i]
 
 
-@pytest.mark.parametrize("half, kernels_pin", [("native", "auto"), ("emulated", "auto"), ("emulated", "off")],
-                         ids=["native-bf16", "emulated-kernel-twin", "emulated-no-compiler"])
+@pytest.mark.parametrize("half, kernels_pin", [("native", "off"), ("native", "on"), ("emulated", "auto"),
+                                               ("emulated", "off")],
+                         ids=["native-bf16", "native-decode-kernel", "emulated-kernel-twin", "emulated-no-compiler"])
 def test_greedy_bf16_agrees_up_to_rounding(monkeypatch, half, kernels_pin):
     """In bfloat16 a cached decode (one row) and a full recompute (all rows) round
     differently, so a near-tie may flip: every disagreement must be such a near-tie of the
     reference's own logits, and the first tokens must agree. Under each of the precision
-    policy's three bfloat16 paths: torch's native kernels, chipshift's kernel twin, torch's
-    emulated kernels (no C compiler)."""
+    policy's bfloat16 paths: torch's native kernels, the kernel for decode steps beside
+    them, chipshift's kernel twin, torch's emulated kernels (no C compiler)."""
     monkeypatch.setenv("CHIPSHIFT_HALF", half)
     monkeypatch.setenv("CHIPSHIFT_CPU_KERNELS", kernels_pin)
     builds = kernels.bf16_linear_status() is None  # False on a machine without a C compiler
     model = tiny(torch.bfloat16)
     engine = Engine(model, max_batch=4)
-    twin = half == "emulated" and kernels_pin == "auto" and builds
+    twin = kernels_pin != "off" and builds
     assert (engine.model is not model) is twin
     outputs = engine.generate(PROMPTS[:4], greedy(16))
     for p, got in zip(PROMPTS, outputs):

@@ -114,6 +114,27 @@ def test_engine_twin_shares_weights_and_leaves_the_model_alone(monkeypatch):
     assert calls == {"bf16_linear": 2 * layers + 1, "bf16_linear_many": 2 * layers, "bf16_rms_norm": 2 * layers + 1}
 
 
+def test_native_twin_takes_only_decode_sized_inputs(monkeypatch):
+    """On a CPU with bfloat16 arithmetic the twin sends inputs of up to
+    NATIVE_KERNEL_MAX_ROWS rows through the kernel and leaves longer ones, and attention and
+    the KV cache, to torch's native bfloat16 path: a prefill gives torch's own numbers."""
+    model = build_model(preset("tiny", init_std=0.15, max_seq_len=96), dtype=torch.bfloat16, seed=0)
+    twin = kernels.for_inference(model, native_half=True)
+    assert all(a is b for a, b in zip(twin.parameters(), model.parameters()))
+    assert (twin.attn_impl, twin.kv_cache_dtype) == (model.attn_impl, model.kv_cache_dtype)
+    calls = []
+    for name in ("bf16_linear", "bf16_linear_many", "bf16_rms_norm"):
+        kernel = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _k=kernel, _n=name: calls.append(_n) or _k(*a))
+    long_ids = torch.arange(kernels.NATIVE_KERNEL_MAX_ROWS + 1)[None]
+    with torch.no_grad():
+        assert torch.equal(twin(long_ids), model(long_ids)) and calls == []
+        short_ids = torch.arange(kernels.NATIVE_KERNEL_MAX_ROWS)[None]
+        assert torch.allclose(twin(short_ids).float(), model(short_ids).float(), rtol=0.05, atol=0.05)
+    layers = model.cfg.num_layers
+    assert calls.count("bf16_linear_many") == 2 * layers and calls.count("bf16_linear") == 2 * layers + 1
+
+
 @pytest.mark.parametrize("rows", [1, 3, 5, 8, 16])
 def test_many_matrices_in_one_call(rows):
     """q/k/v or gate/up in one pass: each output as if computed alone."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from chipshift.devices import get_device, kernels
-from chipshift.devices.policy import EMULATED_BELOW, HALF_ENV, KERNELS_ENV
+from chipshift.devices.policy import EMULATED_BELOW, HALF_ENV, KERNELS_ENV, Decision
 from chipshift.errors import ConfigError
 from chipshift.infer.engine import Engine
 from chipshift.model.config import preset
@@ -21,9 +21,9 @@ from chipshift.train.objectives import LanguageModeling
 KERNEL_BUILDS = kernels.bf16_linear_status() is None
 
 
-def policy(monkeypatch, half: str | None = None, kernels_off: bool = False):
+def policy(monkeypatch, half: str | None = None, kernels_off: bool = False, kernels_pin: str | None = None):
     """A fresh CPU device whose policy sees the given pins."""
-    for var, value in ((HALF_ENV, half), (KERNELS_ENV, "off" if kernels_off else None)):
+    for var, value in ((HALF_ENV, half), (KERNELS_ENV, "off" if kernels_off else kernels_pin)):
         if value is None:
             monkeypatch.delenv(var, raising=False)
         else:
@@ -32,13 +32,34 @@ def policy(monkeypatch, half: str | None = None, kernels_off: bool = False):
 
 
 def test_native_half_pinned(monkeypatch):
-    p = policy(monkeypatch, "native").precision
+    p = policy(monkeypatch, "native", kernels_off=True).precision
     assert p.half_native().value and "pinned by CHIPSHIFT_HALF=native" in p.half_native().reason
     assert p.compute_dtype().value == torch.bfloat16
     assert not p.matmul_upcast(torch.bfloat16).value
     assert p.serving_dtype().value == torch.bfloat16
-    assert not p.inference_twin(torch.bfloat16).value
+    assert not p.inference_twin(torch.bfloat16).value  # no kernel: torch's native kernels
     assert p.mfu_ceiling(torch.bfloat16, upcast=False).reason.startswith("measured: bfloat16")
+
+
+@pytest.mark.skipif(not KERNEL_BUILDS, reason=f"the bf16 kernel does not build here: {kernels.bf16_linear_status()}")
+@pytest.mark.parametrize("pin, probe, twin", [("on", None, True), (None, True, True), (None, False, False)])
+def test_native_half_takes_the_kernel_for_decode_where_it_is_faster(monkeypatch, pin, probe, twin):
+    """With bfloat16 arithmetic, decode steps go through the kernel only where it beats
+    torch's GEMV: pinned (CHIPSHIFT_CPU_KERNELS=on) or measured (the probe, faked here)."""
+    p = policy(monkeypatch, "native", kernels_pin=pin).precision
+    if probe is not None:
+        p._kernel_probe = Decision(probe, "fake probe")
+    decision = p.inference_twin(torch.bfloat16)
+    assert decision.value is twin
+    assert ("decode steps" in decision.reason) is twin and ("pinned" in decision.reason or "fake" in decision.reason)
+    assert p.serving_dtype().value == torch.bfloat16  # native: bfloat16 either way
+
+
+@pytest.mark.skipif(not KERNEL_BUILDS, reason=f"the bf16 kernel does not build here: {kernels.bf16_linear_status()}")
+def test_the_kernel_probe_times_both_once(monkeypatch):
+    p = policy(monkeypatch, "native").precision
+    first = p.kernel_beats_torch()
+    assert first.reason.startswith("probe: one row through a 2048x2048") and p.kernel_beats_torch() is first
 
 
 def test_emulated_half_pinned(monkeypatch):
@@ -96,7 +117,7 @@ def test_a_bad_pin_names_the_variable_and_the_allowed_values(monkeypatch):
         get_device("cpu").precision
     monkeypatch.setenv(HALF_ENV, "native")
     monkeypatch.setenv(KERNELS_ENV, "maybe")
-    with pytest.raises(ConfigError, match="CHIPSHIFT_CPU_KERNELS = 'maybe': allowed values are auto, off"):
+    with pytest.raises(ConfigError, match="CHIPSHIFT_CPU_KERNELS = 'maybe': allowed values are auto, on, off"):
         get_device("cpu").precision.cpu_kernel()
 
 
@@ -142,15 +163,16 @@ def test_trainer_in_bfloat16_upcasts_only_where_half_is_emulated(tmp_path, monke
     assert torch.isfinite(torch.tensor(t.train_step().loss))
 
 
-@pytest.mark.parametrize("half, kernels_off, twin", [("native", False, False), ("emulated", False, True),
-                                                      ("emulated", True, False)])
-def test_engine_takes_the_policys_inference_path(monkeypatch, half, kernels_off, twin):
+@pytest.mark.parametrize("half, pin, twin", [("native", "off", False), ("native", "on", True),
+                                             ("emulated", None, True), ("emulated", "off", False)])
+def test_engine_takes_the_policys_inference_path(monkeypatch, half, pin, twin):
     if twin and not KERNEL_BUILDS:
         pytest.skip(f"the bf16 kernel does not build here: {kernels.bf16_linear_status()}")
-    policy(monkeypatch, half, kernels_off)
+    policy(monkeypatch, half, kernels_pin=pin)
     model = build_model(preset("tiny", max_seq_len=64), dtype=torch.bfloat16, seed=0)
     engine = Engine(model, max_batch=2)
     assert (engine.model is not model) is twin
-    assert engine.cache.k.dtype == (torch.float32 if twin else torch.bfloat16)
+    # the emulating CPU's twin attends in float32 from a float32 cache; the native one in bfloat16
+    assert engine.cache.k.dtype == (torch.float32 if twin and half == "emulated" else torch.bfloat16)
     assert ("AVX2 kernel" in (engine.kernel_note or "")) is twin
-    assert ("CHIPSHIFT_CPU_KERNELS=off" in (engine.kernel_note or "")) is kernels_off
+    assert ("CHIPSHIFT_CPU_KERNELS=off" in (engine.kernel_note or "")) is (half == "emulated" and pin == "off")

@@ -14,14 +14,18 @@ fact, probed with a timed matmul, drives the decisions below:
     MFU ceiling             half peak          float32 peak under the upcast  (follows the upcast)
     auto serving dtype      bfloat16           bfloat16 through chipshift's   --dtype
                                                AVX2 kernel, else float32
-    inference twin          none               kernel twin, where it builds   CHIPSHIFT_CPU_KERNELS
+    inference twin          CPUs: decode steps kernel twin, where it builds   CHIPSHIFT_CPU_KERNELS
+                            through the kernel
+                            where it measures
+                            faster (probe)
     KV-cache dtype          the weights'       float32 under the twin         (follows the twin)
 
 The two probes behind the table can be pinned from outside, for tests and for users:
 
     CHIPSHIFT_HALF=native|emulated   what the matmul probe would say (CPUs only)
     CHIPSHIFT_CPU_KERNELS=off        chipshift's native CPU kernels are unavailable, as on a
-                                     machine without a C compiler
+                                     machine without a C compiler; =on: used wherever they
+                                     build, without the speed probe
 
 `chipshift devices` prints every decision with its reason; training and serving log theirs.
 """
@@ -59,8 +63,13 @@ def pinned(var: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def kernels_pin() -> str:
+    """$CHIPSHIFT_CPU_KERNELS: auto (probe), on (wherever the kernel builds), off (never)."""
+    return pinned(KERNELS_ENV, ("auto", "on", "off"))
+
+
 def kernels_pinned_off() -> bool:
-    return pinned(KERNELS_ENV, ("auto", "off")) == "off"
+    return kernels_pin() == "off"
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,7 @@ class PrecisionPolicy:
     def __init__(self, device: "Device") -> None:
         self.device = device
         self.half_pin = pinned(HALF_ENV, ("auto", "native", "emulated"))
+        self._kernel_probe: Decision | None = None
 
     # -- the probes ------------------------------------------------------------------------
     def half_native(self, dtype: torch.dtype = torch.bfloat16) -> Decision:
@@ -104,6 +114,37 @@ class PrecisionPolicy:
 
         missing = kernels.bf16_linear_status()
         return Decision(missing is None, missing or "chipshift's AVX2 bfloat16 kernel builds here")
+
+    def kernel_beats_torch(self) -> Decision:
+        """On a CPU with bfloat16 arithmetic: whether chipshift's kernel multiplies one row
+        by bfloat16 weights (a decode step) faster than torch's GEMV; timed once per policy
+        on a 2048 x 2048 weight, larger than the caches. $CHIPSHIFT_CPU_KERNELS=on skips the probe."""
+        if kernels_pin() == "on":
+            return Decision(True, f"pinned by {KERNELS_ENV}=on")
+        if self._kernel_probe is None:
+            import time
+
+            import torch.nn.functional as F
+
+            from chipshift.devices import kernels
+
+            g = torch.Generator().manual_seed(0)  # leaves the global generator alone
+            w = torch.randn(2048, 2048, generator=g).to(torch.bfloat16)
+            x = torch.randn(1, 2048, generator=g).to(torch.bfloat16)
+
+            def best(fn) -> float:
+                fn()
+                times = []
+                for _ in range(15):
+                    t0 = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - t0)
+                return min(times)
+
+            ratio = best(lambda: F.linear(x, w)) / best(lambda: kernels.bf16_linear(x, w))
+            self._kernel_probe = Decision(ratio >= 1.1, f"probe: one row through a 2048x2048 bfloat16 weight "
+                                                        f"{ratio:.2f}x as fast through the kernel as torch's GEMV")
+        return self._kernel_probe
 
     # -- training ----------------------------------------------------------------------------
     def compute_dtype(self, override: str | torch.dtype | None = None) -> Decision:
@@ -162,18 +203,25 @@ class PrecisionPolicy:
                                         "multiplied by chipshift's AVX2 kernel since this CPU emulates bfloat16)")
 
     def inference_twin(self, dtype: torch.dtype) -> Decision:
-        """Whether inference in `dtype` runs a twin of the model through chipshift's CPU kernel
-        (bfloat16 weights on a CPU that emulates bfloat16, where the kernel can be used)."""
-        if dtype != torch.bfloat16:
-            return Decision(False, f"{_name(dtype)} runs on torch's own kernels")
+        """Whether inference in `dtype` runs a twin of the model through chipshift's CPU kernel:
+        bfloat16 weights on a CPU that emulates bfloat16, where the kernel can be used; on a
+        CPU with bfloat16 arithmetic, for decode-sized inputs only, where the kernel measures
+        faster than torch (`kernel_beats_torch`)."""
+        if dtype != torch.bfloat16 or not self.device.is_cpu:
+            return Decision(False, f"{_name(dtype)} on {self.device.type} runs on torch's own kernels")
         native = self.half_native(dtype)
-        if native.value:
-            return Decision(False, f"native bfloat16: torch's own kernels ({native.reason})")
         kernel = self.cpu_kernel()
         if not kernel.value:
-            return Decision(False, f"torch's emulated bfloat16 kernels (no native kernel: {kernel.reason})")
-        return Decision(True, "bfloat16 weights through chipshift's AVX2 kernel (this CPU has no bfloat16 "
-                              "arithmetic; float32 accumulation; KV cache in float32)")
+            return Decision(False, f"torch's {'native' if native.value else 'emulated'} bfloat16 kernels "
+                                   f"(no native kernel: {kernel.reason})")
+        if not native.value:
+            return Decision(True, "bfloat16 weights through chipshift's AVX2 kernel (this CPU has no bfloat16 "
+                                  "arithmetic; float32 accumulation; KV cache in float32)")
+        faster = self.kernel_beats_torch()
+        if not faster.value:
+            return Decision(False, f"native bfloat16: torch's own kernels ({faster.reason})")
+        return Decision(True, "decode steps (up to 4 rows) through chipshift's AVX2 kernel, longer inputs and "
+                              f"attention on torch's native bfloat16 kernels ({faster.reason})")
 
     def for_inference(self, model: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.nn.Module, str | None]:
         """The model to run inference with in `dtype`, and what changed (None: nothing): the
@@ -184,7 +232,7 @@ class PrecisionPolicy:
                            and not self.half_native(dtype).value else None)
         from chipshift.devices import kernels
 
-        return kernels.for_inference(model), twin.reason
+        return kernels.for_inference(model, native_half=self.half_native(dtype).value), twin.reason
 
     # -- the whole table ---------------------------------------------------------------------
     def report(self) -> dict[str, dict]:

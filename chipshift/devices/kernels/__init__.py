@@ -1,7 +1,9 @@
 """Small native kernels for devices whose PyTorch build lacks a fast path we need.
 
 Today a bfloat16-weight linear (`bf16_linear`, `bf16_linear_many`) and RMSNorm for x86
-CPUs with AVX2 and FMA but no bfloat16 arithmetic (see bf16_linear.c for why). It is plain
+CPUs with AVX2 and FMA: on CPUs without bfloat16 arithmetic for every input (see
+bf16_linear.c for why), on CPUs with it for decode steps, where torch's one-row GEMV streams
+the weights at about half the kernel's rate (`for_inference`; the precision policy decides). It is plain
 C compiled on first use with the system's C compiler into a per-user cache, loaded through
 ctypes after torch (so it shares torch's OpenMP runtime), and absent, with the reason kept,
 when there is no compiler or the CPU lacks the instructions: callers then keep PyTorch's
@@ -140,8 +142,20 @@ def bf16_linear_many(x: torch.Tensor, weights: list[torch.Tensor],
 KERNEL_MAX_ROWS = 128
 
 
+# On a CPU with bfloat16 arithmetic (AVX512-BF16, AMX) torch's bfloat16 GEMM serves many
+# rows well, but its one-row GEMV streams the weights at about half the kernel's rate.
+# Measured on SmolLM2's shapes (2-core Xeon with AMX): 1 row 1.5-2.1x faster through the
+# kernel, 4 rows 0.9-1.1x, 8 rows 0.6-0.7x. There the twin takes decode-sized inputs only
+# and leaves the rest to torch.
+NATIVE_KERNEL_MAX_ROWS = 4
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
 def _few_rows(x: torch.Tensor) -> bool:
-    return x.numel() // x.shape[-1] <= KERNEL_MAX_ROWS
+    return _rows(x) <= KERNEL_MAX_ROWS
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -153,32 +167,49 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     return F.linear(x.float(), w.float(), None if b is None else b.float()).to(torch.bfloat16)
 
 
-def _twin_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor | None:
-    if w.dtype == torch.bfloat16 and (b is None or b.dtype == torch.bfloat16):
+# The twin's kernels (see `Transformer.with_kernels`): None where they do not apply, and the
+# model's own code runs. `max_rows` None: the emulating CPU's twin, which takes every input
+# (`linear` widens long ones); a number: the native CPU's, which takes up to that many rows.
+def _twin_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, *,
+                 max_rows: int | None = None) -> torch.Tensor | None:
+    if w.dtype != torch.bfloat16 or (b is not None and b.dtype != torch.bfloat16):
+        return None
+    if max_rows is None:
         return linear(x, w, b)
-    return None
+    return bf16_linear(x, w, b) if _rows(x) <= max_rows else None
 
 
-def _twin_linear_many(x: torch.Tensor, weights: list[torch.Tensor],
-                      biases: list[torch.Tensor | None]) -> list[torch.Tensor] | None:
-    if _few_rows(x) and all(w.dtype == torch.bfloat16 for w in weights):
+def _twin_linear_many(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None], *,
+                      max_rows: int = KERNEL_MAX_ROWS) -> list[torch.Tensor] | None:
+    if _rows(x) <= max_rows and all(w.dtype == torch.bfloat16 for w in weights):
         return bf16_linear_many(x, weights, biases)
     return None
 
 
-def _twin_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    if x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and _few_rows(x):
+def _twin_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                   max_rows: int = KERNEL_MAX_ROWS) -> torch.Tensor | None:
+    if x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and _rows(x) <= max_rows:
         return bf16_rms_norm(x, weight, eps)
     return None
 
 
-def for_inference(model: nn.Module) -> nn.Module:
-    """A twin of a bfloat16 model for inference on a CPU without bfloat16 arithmetic, made by
-    the model's `with_kernels`: the same parameters and buffers (shared, not copied: weights
-    stay bfloat16 in memory, once), whose bfloat16 linears, and output projection, run
-    through `linear`, q/k/v and gate/up each in one `bf16_linear_many` call, whose RMSNorms
-    run natively and whose attention computes in float32. The caller's model is left as it was."""
+def for_inference(model: nn.Module, native_half: bool = False) -> nn.Module:
+    """A twin of a bfloat16 model for inference, made by the model's `with_kernels`: the same
+    parameters and buffers (shared, not copied: weights stay bfloat16 in memory, once),
+    whose bfloat16 linears and output projection run through the kernel, q/k/v and gate/up
+    each in one `bf16_linear_many` call, and whose RMSNorms run natively.
+
+    On a CPU without bfloat16 arithmetic every input takes the kernels (`linear` widens long
+    ones to a float32 GEMM) and attention computes in float32. With `native_half` (a CPU
+    with bfloat16 arithmetic) only inputs of up to NATIVE_KERNEL_MAX_ROWS rows do (decode
+    steps); longer ones, and attention, run on torch's native bfloat16 kernels.
+    The caller's model is left as it was."""
     _library()  # fail here, not mid-forward, when the kernel cannot be built
+    if native_half:
+        rows = NATIVE_KERNEL_MAX_ROWS
+        return model.with_kernels(linear=functools.partial(_twin_linear, max_rows=rows),
+                                  linear_many=functools.partial(_twin_linear_many, max_rows=rows),
+                                  rms_norm=functools.partial(_twin_rms_norm, max_rows=rows))
     # attention on float32 copies of q, k, v: torch's bfloat16 attention is emulated too;
     # the KV cache is held in float32 (the same bfloat16 values, exactly) so that each row's
     # history is not widened again at every layer and step (~4 ms of a 60 ms SmolLM2 step
