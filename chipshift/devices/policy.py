@@ -220,7 +220,7 @@ class PrecisionPolicy:
         faster = self.kernel_beats_torch()
         if not faster.value:
             return Decision(False, f"native bfloat16: torch's own kernels ({faster.reason})")
-        return Decision(True, "decode steps (up to 4 rows) through chipshift's AVX2 kernel, longer inputs and "
+        return Decision(True, "decode steps (up to 8 rows) through chipshift's AVX2 kernel, longer inputs and "
                               f"attention on torch's native bfloat16 kernels ({faster.reason})")
 
     def for_inference(self, model: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.nn.Module, str | None]:
