@@ -14,13 +14,14 @@ fact, probed with a timed matmul, drives the decisions below:
     MFU ceiling             half peak          float32 peak under the upcast  (follows the upcast)
     auto serving dtype      bfloat16           bfloat16 through chipshift's   --dtype
                                                AVX2 kernel, else float32
-    inference twin          CPUs: decode steps kernel twin, where it builds   CHIPSHIFT_CPU_KERNELS
-                            through the kernel
-                            where it measures
-                            faster (probe)
+    inference twin          on a CPU, decode   the kernel twin for every      CHIPSHIFT_CPU_KERNELS
+                            steps through the  input, where the kernel builds
+                            kernel where it
+                            beats torch (probe)
     KV-cache dtype          the weights'       float32 under the twin         (follows the twin)
 
-The two probes behind the table can be pinned from outside, for tests and for users:
+The probes behind the table (is half native; does the kernel build; does it beat torch's
+one-row GEMV) can be pinned from outside, for tests and for users:
 
     CHIPSHIFT_HALF=native|emulated   what the matmul probe would say (CPUs only)
     CHIPSHIFT_CPU_KERNELS=off        chipshift's native CPU kernels are unavailable, as on a
