@@ -32,7 +32,8 @@ from chipshift.devices.backends import (
     torch_namespace,
 )
 from chipshift.devices.catalogue import Chip, get_chip, load_catalogue, match_chip
-from chipshift.devices.policy import Decision, PrecisionPolicy
+from chipshift.devices.dtypes import DTYPES, HALF, dtype_name, parse_dtype
+from chipshift.devices.policy import EMULATED_BELOW, Decision, PrecisionPolicy
 from chipshift.errors import ConfigError, DeviceError
 
 __all__ = [
@@ -42,27 +43,6 @@ __all__ = [
 ]
 
 ENV_VAR = "CHIPSHIFT_DEVICE"
-
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-    "float64": torch.float64, "fp64": torch.float64,
-}
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise DeviceError(f"unknown dtype {name!r}; allowed: {', '.join(DTYPES)}") from None
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
 
 def _cpu_rss_bytes(field_name: str) -> int:
     with open("/proc/self/status") as f:
@@ -306,10 +286,10 @@ class Device:
             return self.chip.peak_flops(dtype_name(dtype)), f"catalogue: {self.chip.key} ({self.chip.status})"
         key = f"{self}:{dtype}:{torch.get_num_threads()}"
         if key not in _CPU_PEAK_CACHE:
-            half = dtype in (torch.bfloat16, torch.float16)
+            half = dtype in HALF
             n = (256 if half else 1024) if self.is_cpu else 4096  # emulated half is slow: start small
             flops = measure_matmul_flops(self.torch_device, dtype, n=n, sync=self.synchronize)
-            if self.is_cpu and half and flops >= self.peak_flops(torch.float32)[0]:
+            if self.is_cpu and half and flops >= EMULATED_BELOW * self.peak_flops(torch.float32)[0]:
                 # native half (AVX512-BF16, AMX): 256 x 256 leaves it below its ceiling (AMX
                 # bf16 measured 0.9 against 1.4 TFLOP/s at 1024), which would overstate MFU
                 flops = max(flops, measure_matmul_flops(self.torch_device, dtype, n=1024, sync=self.synchronize))

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from chipshift.devices.dtypes import HALF, dtype_name, parse_dtype
 from chipshift.errors import ConfigError, DeviceError
 
 if TYPE_CHECKING:
@@ -46,14 +47,9 @@ if TYPE_CHECKING:
 
 HALF_ENV = "CHIPSHIFT_HALF"
 KERNELS_ENV = "CHIPSHIFT_CPU_KERNELS"
-HALF = (torch.bfloat16, torch.float16)
 # A CPU whose half-precision matmul runs below this fraction of its float32 matmul emulates
 # half precision: AVX2 CPUs measure 0.05-0.3, AVX512-BF16 and AMX CPUs 2-4.
 EMULATED_BELOW = 0.8
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def pinned(var: str, allowed: tuple[str, ...]) -> str:
@@ -103,7 +99,7 @@ class PrecisionPolicy:
             return Decision(self.half_pin == "native", f"pinned by {HALF_ENV}={self.half_pin}")
         half, full = self.device.peak_flops(dtype)[0], self.device.peak_flops(torch.float32)[0]
         native = half >= EMULATED_BELOW * full
-        return Decision(native, f"probe: {_name(dtype)} matmul {half / 1e9:.3g} GFLOP/s against float32 "
+        return Decision(native, f"probe: {dtype_name(dtype)} matmul {half / 1e9:.3g} GFLOP/s against float32 "
                                 f"{full / 1e9:.3g}: {'native' if native else 'emulated'}, the line being "
                                 f"{EMULATED_BELOW}x float32")
 
@@ -151,18 +147,16 @@ class PrecisionPolicy:
     def compute_dtype(self, override: str | torch.dtype | None = None) -> Decision:
         """The dtype a run computes in: the user's, else the first of bfloat16, float16 that
         works and is native here, else float32."""
-        from chipshift.devices import parse_dtype
-
         dev = self.device
         if override is not None and override != "auto":
             dtype = parse_dtype(override)
             if not dev.dtype_works(dtype):
-                raise DeviceError(f"dtype {_name(dtype)} does not work on {dev} "
+                raise DeviceError(f"dtype {dtype_name(dtype)} does not work on {dev} "
                                   f"(working: {', '.join(dev.working_dtypes())})")
-            return Decision(dtype, f"{_name(dtype)} (set by the user)")
+            return Decision(dtype, f"{dtype_name(dtype)} (set by the user)")
         for dtype in HALF:
             if dev.dtype_works(dtype) and (native := self.half_native(dtype)).value:
-                return Decision(dtype, f"{_name(dtype)} (the first of bfloat16, float16 that is native here; "
+                return Decision(dtype, f"{dtype_name(dtype)} (the first of bfloat16, float16 that is native here; "
                                        f"{native.reason})")
         if dev.is_cpu:
             return Decision(torch.float32, f"float32 (this CPU emulates half precision: "
@@ -173,7 +167,7 @@ class PrecisionPolicy:
         """Whether training's `dtype` matmuls should run as float32 GEMMs on the half operands
         (`chipshift.train.precision.HalfMatmulUpcast`): where the native half GEMM is emulated."""
         if dtype not in HALF:
-            return Decision(False, f"{_name(dtype)} is not half precision")
+            return Decision(False, f"{dtype_name(dtype)} is not half precision")
         native = self.half_native(dtype)
         if native.value:
             return Decision(False, native.reason)
@@ -184,7 +178,7 @@ class PrecisionPolicy:
         half matmuls run as float32 GEMMs."""
         peak, source = self.device.peak_flops(torch.float32 if upcast else dtype)
         if upcast:
-            source += f" ({_name(dtype)} matmuls run as float32 GEMMs here)"
+            source += f" ({dtype_name(dtype)} matmuls run as float32 GEMMs here)"
         return Decision(peak, source)
 
     # -- inference ---------------------------------------------------------------------------
@@ -209,7 +203,7 @@ class PrecisionPolicy:
         CPU with bfloat16 arithmetic, for decode-sized inputs only, where the kernel measures
         faster than torch (`kernel_beats_torch`)."""
         if dtype != torch.bfloat16 or not self.device.is_cpu:
-            return Decision(False, f"{_name(dtype)} on {self.device.type} runs on torch's own kernels")
+            return Decision(False, f"{dtype_name(dtype)} on {self.device.type} runs on torch's own kernels")
         native = self.half_native(dtype)
         kernel = self.cpu_kernel()
         if not kernel.value:
@@ -248,5 +242,5 @@ class PrecisionPolicy:
             "serving_dtype": serving,
             "inference_twin": self.inference_twin(serving.value),
         }
-        return {k: {"value": _name(d.value) if isinstance(d.value, torch.dtype) else d.value, "reason": d.reason}
+        return {k: {"value": dtype_name(d.value) if isinstance(d.value, torch.dtype) else d.value, "reason": d.reason}
                 for k, d in rows.items()}

@@ -25,12 +25,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from chipshift.devices import Device, cpu_class, dtype_name, get_device, measure_matmul_flops, parse_dtype
+from chipshift.devices import HALF, Device, cpu_class, dtype_name, get_device, measure_matmul_flops, parse_dtype
 from chipshift.errors import ChipshiftError
 from chipshift.model import flops, memory
 from chipshift.model.checkpoint import load_checkpoint, read_sidecar, versions
@@ -84,8 +85,7 @@ def matmul_ceilings(dev: Device) -> dict[str, dict]:
     for name in dev.working_dtypes():
         dtype = parse_dtype(name)
         # CPUs without native half-precision GEMMs emulate them ~10-100x slower: keep those small
-        half_on_cpu = dev.is_cpu and dtype in (torch.bfloat16, torch.float16) \
-            and not dev.precision.half_native(dtype).value
+        half_on_cpu = dev.is_cpu and dtype in HALF and not dev.precision.half_native(dtype).value
         n = (256 if half_on_cpu else 512 if dtype == torch.float64 else 1024) if dev.is_cpu else 8192
         out[name] = {"flops": measure_matmul_flops(dev.torch_device, dtype, n=n, seconds=0.3, sync=dev.synchronize),
                      "n": n}
@@ -142,11 +142,19 @@ def _trainer(dev: Device, s: BenchSettings, cfg: ModelConfig, checkpoint: str | 
                    device=dev, log=lambda *a, **k: None)
 
 
+class RunInfo(NamedTuple):
+    """How the loop ran one batch size."""
+    dtype: str
+    precision: str
+    attn_impl: str
+    cpu_s: float  # host CPU seconds per step
+    ceiling: str  # the dtype of the MFU ceiling: float32's where half matmuls run as float32 GEMMs
+
+
 def _run_batch(dev: Device, s: BenchSettings, cfg: ModelConfig, checkpoint: str | None, batch: int,
-               steps: int) -> tuple[list[float], int, tuple[str, str, str, float]]:
+               steps: int) -> tuple[list[float], int, RunInfo]:
     """(step times after one warm-up step, peak memory over the resident memory just before
-    the model was built, (dtype, precision, attention, host CPU seconds per step, the dtype of
-    the MFU ceiling)); raises _NoFit."""
+    the model was built, how the loop ran); raises _NoFit."""
     trainer = None
     gc.collect()
     dev.empty_cache()
@@ -158,9 +166,8 @@ def _run_batch(dev: Device, s: BenchSettings, cfg: ModelConfig, checkpoint: str 
         cpu0 = time.process_time()
         times = _timed(trainer.train_step, dev.synchronize, steps)
         cpu = (time.process_time() - cpu0) / steps
-        # the MFU ceiling: float32's where the half matmuls run as float32 GEMMs (the policy's upcast)
-        ceiling = "float32" if trainer.upcast else dtype_name(trainer.dtype)
-        info = (dtype_name(trainer.dtype), trainer.precision, trainer.model.attn_impl, cpu, ceiling)
+        info = RunInfo(dtype_name(trainer.dtype), trainer.precision, trainer.model.attn_impl, cpu,
+                       "float32" if trainer.upcast else dtype_name(trainer.dtype))
     except ChipshiftError as exc:  # the loop's own memory check
         raise _NoFit(f"batch {batch} refused: {exc}") from None
     except RuntimeError as exc:
@@ -219,17 +226,17 @@ def measure_training(dev: Device, s: BenchSettings, cfg: ModelConfig, checkpoint
             break
         step = statistics.median(times)
         tokens_per_s = batch * s.seq_len / step
-        peak_value, peak_source = dev.peak_flops(info[4]) if dev.chip else (
-            peak_flops[info[4]], f"measured: this run's {info[4]} matmul ceiling")
+        peak_value, peak_source = dev.peak_flops(info.ceiling) if dev.chip else (
+            peak_flops[info.ceiling], f"measured: this run's {info.ceiling} matmul ceiling")
         achieved = tokens_per_s * per_token
         runs.append({
             "batch": batch, "tokens": batch * s.seq_len, "step_s": step, "step_min_s": min(times),
-            "step_times_s": times, "step_host_cpu_s": info[3], "tokens_per_s": tokens_per_s, "achieved_flops": achieved,
+            "step_times_s": times, "step_host_cpu_s": info.cpu_s, "tokens_per_s": tokens_per_s, "achieved_flops": achieved,
             "peak_flops": peak_value, "peak_source": peak_source, "mfu": achieved / peak_value,
-            "ceiling_fraction": achieved / peak_flops[info[4]],
+            "ceiling_fraction": achieved / peak_flops[info.ceiling],
             "peak_memory_bytes": peak,
-            "estimated_memory_bytes": memory.training_memory(cfg, batch, s.seq_len, info[1] != "float32",
-                                                             info[2]).total,
+            "estimated_memory_bytes": memory.training_memory(cfg, batch, s.seq_len,
+                                                             info.precision != "float32", info.attn_impl).total,
         })
         progress.update(1)
         batch *= 2
@@ -242,8 +249,8 @@ def measure_training(dev: Device, s: BenchSettings, cfg: ModelConfig, checkpoint
         method = ("resident-set peak (VmHWM) minus the resident set before the model was built, "
                   "one step per batch in a child process with glibc's mmap threshold fixed at 64 KiB")
     best = max(runs, key=lambda r: r["tokens_per_s"]) if runs else None
-    return {"dtype": info[0] if info else None, "precision": info[1] if info else None,
-            "attn_impl": info[2] if info else None, "flops_per_token": per_token,
+    return {"dtype": info.dtype if info else None, "precision": info.precision if info else None,
+            "attn_impl": info.attn_impl if info else None, "flops_per_token": per_token,
             "flops_formula": "6N + 12*L*A*S (chipshift.model.flops)", "runs": runs, "best": best,
             "largest_batch": runs[-1]["batch"] if runs else None, "stopped": stopped,
             "peak_memory_method": method}

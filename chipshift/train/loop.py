@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from chipshift.devices import Device, dtype_name, get_device, return_freed_host_memory
+from chipshift.devices import HALF, Device, dtype_name, get_device, return_freed_host_memory
 from chipshift.errors import ChipshiftError, ConfigError
 from chipshift.model.checkpoint import state_dict_for_save
 from chipshift.model.config import ModelConfig
@@ -41,7 +41,7 @@ from chipshift.train.data import Stream, TokenWindows, rank_slice
 from chipshift.train.metrics import MetricsLog, plot_loss
 from chipshift.train.objectives import LanguageModeling, Objective
 from chipshift.train.optim import MasterWeights, build_adamw, lr_at
-from chipshift.train.precision import HALF, HalfMatmulUpcast
+from chipshift.train.precision import HalfMatmulUpcast
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-HALF = (torch.bfloat16, torch.float16)
+from chipshift.devices.dtypes import HALF
 
 
 class _UpcastLinear(torch.autograd.Function):

@@ -156,15 +156,11 @@ def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1]
 
 
-def _few_rows(x: torch.Tensor) -> bool:
-    return _rows(x) <= KERNEL_MAX_ROWS
-
-
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """A bfloat16 linear computed as a native bfloat16 device would (bfloat16 operands,
     float32 accumulation, bfloat16 output) at float32 speed: few rows through
     `bf16_linear`, many as a float32 GEMM on the widened operands."""
-    if _few_rows(x):
+    if _rows(x) <= KERNEL_MAX_ROWS:
         return bf16_linear(x, w, b)
     return F.linear(x.float(), w.float(), None if b is None else b.float()).to(torch.bfloat16)
 
