@@ -229,6 +229,24 @@ class PrecisionPolicy:
 
         return kernels.for_inference(model, native_half=self.half_native(dtype).value), twin.reason
 
+    def decode_step(self, model: torch.nn.Module, cache: Any) -> Decision:
+        """Where the inference twin runs: chipshift's native decode step for the engine
+        (`kernels.DecodeStep`, the model's whole step in one call, none of PyTorch's
+        per-operator overhead), for up to as many rows as the twin sends through the kernel.
+        Its value is None elsewhere, and the engine decodes through the model."""
+        dtype = model.output_weight.dtype
+        twin = self.inference_twin(dtype)
+        if not twin.value:
+            return Decision(None, twin.reason)
+        from chipshift.devices import kernels
+
+        rows = kernels.NATIVE_KERNEL_MAX_ROWS if self.half_native(dtype).value else kernels.KERNEL_MAX_ROWS
+        try:
+            step = kernels.DecodeStep(model, cache, rows)
+        except kernels.Unavailable as exc:
+            return Decision(None, f"decode through the model (no native decode step: {exc})")
+        return Decision(step, f"decode steps of up to {step.max_rows} rows in one native call")
+
     # -- the whole table ---------------------------------------------------------------------
     def report(self) -> dict[str, dict]:
         """Every decision with its value and reason, for `chipshift devices` and run logs."""

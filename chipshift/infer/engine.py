@@ -118,6 +118,12 @@ class Engine:
             self.model, self.kernel_note = target.precision.for_inference(self.model, self.dtype)
         # the model may ask for another cache dtype (the CPU twin attends in float32)
         self.cache = KVCache(self.cfg, max_batch, self.max_len, self.device, self.model.kv_cache_dtype or self.dtype)
+        # and may offer a whole decode step in one native call (`_decode`), used up to its max_rows
+        self.native_step = None
+        if kernels and not compile:
+            self.native_step, why = target.precision.decode_step(self.model, self.cache)
+            if self.native_step is not None:
+                self.kernel_note = f"{self.kernel_note}; {why}"
         self._decode_logits = torch.compile(self._decode_forward, dynamic=False) if compile else self._decode_forward
 
         self.waiting: deque[Request] = deque()
@@ -331,7 +337,10 @@ class Engine:
             span = max(self.lengths[i] for i in active) + 1
         # free slots in between decode a dummy token at position 0 of their own row
         positions = torch.tensor(self.lengths[:rows], dtype=torch.int64).to(self.device, non_blocking=True)
-        logits = self._decode_logits(self.last_token[:rows, None], positions, rows, span)
+        if self.native_step is not None and rows <= self.native_step.max_rows:
+            logits = self.native_step(self.last_token[:rows], positions)
+        else:
+            logits = self._decode_logits(self.last_token[:rows, None], positions, rows, span)
         params = [r.params for r in self.slots[:rows] if r is not None]
         use_penalty = any(p.repetition_penalty != 1 for p in params)
         if use_penalty:

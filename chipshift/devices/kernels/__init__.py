@@ -27,7 +27,8 @@ from torch import nn
 
 from chipshift.devices import cpu_flags
 
-SOURCE = Path(__file__).with_name("bf16_linear.c")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "bf16_linear.c", HERE / "decode.c", HERE / "quant.c"]  # one library; each includes bf16.h
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -48,14 +49,14 @@ def _library() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise Unavailable("no C compiler (cc/gcc) on PATH")
-    source = SOURCE.read_bytes()
+    source = b"".join(f.read_bytes() for f in (*SOURCES, HERE / "bf16.h"))
     tag = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
     lib = cache_dir() / f"bf16_linear-{tag}.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
             out = Path(tmp) / lib.name
-            run = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True,
+            run = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(out)], capture_output=True, text=True,
                                  check=False)
             if run.returncode != 0:
                 raise Unavailable(f"{cc} failed: {run.stderr.strip()[:400]}")
@@ -65,9 +66,24 @@ def _library() -> ctypes.CDLL:
     handle.bf16_linear.argtypes = [P, P, P, P, I64, I64, I64, ctypes.c_int]
     handle.bf16_linear_many.argtypes = [P, ctypes.c_int, P, P, P, P, I64, I64, ctypes.c_int]
     handle.bf16_rms_norm.argtypes = [P, P, P, I64, I64, ctypes.c_float]
+    handle.decode_step.argtypes = [ctypes.POINTER(_Decoder), I64, P, P, P, ctypes.c_int]
+    handle.decode_step.restype = ctypes.c_int
     for fn in (handle.bf16_linear, handle.bf16_linear_many, handle.bf16_rms_norm):
         fn.restype = None
     return handle
+
+
+class _LayerWeights(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in ("attn_norm", "q", "k", "v", "q_bias", "k_bias", "v_bias", "o",
+                                                     "mlp_norm", "gate", "up", "down")]
+
+
+class _Decoder(ctypes.Structure):  # decode.c's `decoder`
+    _fields_ = [*((name, ctypes.c_int64) for name in ("layers", "dim", "heads", "kv_heads", "head_dim", "ffn",
+                                                       "vocab", "slots", "max_len")),
+                ("eps", ctypes.c_float), ("kv_float32", ctypes.c_int),
+                *((name, ctypes.c_void_p) for name in ("embed", "norm", "out", "inv_freq", "k_cache", "v_cache")),
+                ("layer", ctypes.POINTER(_LayerWeights))]
 
 
 def bf16_linear_status() -> str | None:
@@ -214,3 +230,71 @@ def for_inference(model: nn.Module, native_half: bool = False) -> nn.Module:
     # at batch 8), at twice the cache memory
     return model.with_kernels(linear=_twin_linear, linear_many=_twin_linear_many, rms_norm=_twin_rms_norm,
                               attn_impl="sdpa_float32", kv_cache_dtype=torch.float32)
+
+
+class DecodeStep:
+    """A whole decode step of a bfloat16 `Transformer` in one native call (decode.c): the
+    rows' new tokens in, their float32 logits out, this step's keys and values written into
+    the engine's `KVCache`. The same roundings as the model's bfloat16 operators (attention in
+    float32, as the emulating CPU's twin computes it); only summation orders differ. Holds
+    pointers to the model's weights and the cache: both must outlive it, unmoved.
+
+    `max_rows`: the most rows a call takes; the engine runs larger batches through the model."""
+
+    def __init__(self, model: nn.Module, cache, max_rows: int) -> None:
+        reason = _decode_step_refusal(model, cache)
+        if reason:
+            raise Unavailable(reason)
+        self._fn = _library().decode_step
+        cfg, self.max_rows = model.cfg, min(max_rows, cache.max_batch)
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        layers = (_LayerWeights * cfg.num_layers)()
+        for L, block in zip(layers, model.layers):
+            a, mlp = block.self_attn, block.mlp
+            L.attn_norm, L.mlp_norm = ptr(block.input_layernorm.weight), ptr(block.post_attention_layernorm.weight)
+            L.q, L.k, L.v, L.o = (ptr(m.weight) for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj))
+            L.q_bias, L.k_bias, L.v_bias = (ptr(m.bias) for m in (a.q_proj, a.k_proj, a.v_proj))
+            L.gate, L.up, L.down = (ptr(m.weight) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        self._inv_freq = model._inv_freq.float().contiguous()
+        self._layers = layers
+        self._desc = _Decoder(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                              cfg.intermediate_size, cfg.vocab_size, cache.max_batch, cache.max_len,
+                              cfg.rms_norm_eps, cache.k.dtype == torch.float32,
+                              ptr(model.embed_tokens.weight), ptr(model.norm.weight), ptr(model.output_weight),
+                              ptr(self._inv_freq), ptr(cache.k), ptr(cache.v), layers)
+        self.vocab = cfg.vocab_size
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens, positions: int64 (rows,), row r being cache slot r; logits (rows, vocab)."""
+        rows = tokens.shape[0]
+        if rows > self.max_rows:
+            raise ValueError(f"{rows} rows: this decode step takes at most {self.max_rows}")
+        tokens, positions = tokens.contiguous(), positions.contiguous()
+        logits = torch.empty(rows, self.vocab, dtype=torch.float32)
+        if self._fn(ctypes.byref(self._desc), rows, tokens.data_ptr(), positions.data_ptr(), logits.data_ptr(),
+                    torch.get_num_threads()) != 0:
+            raise Unavailable("decode_step refused the model's shapes")
+        return logits
+
+
+def _decode_step_refusal(model: nn.Module, cache) -> str | None:
+    """Why `DecodeStep` cannot run this model and cache (None: it can)."""
+    from chipshift.model.transformer import RMSNorm, Transformer
+
+    if not isinstance(model, Transformer):
+        return f"not a chipshift Transformer ({type(model).__name__})"
+    cfg = model.cfg
+    if cfg.head_dim % 2 or cfg.head_dim > 1024:
+        return f"head_dim {cfg.head_dim} (the native step takes even head dims up to 1024)"
+    tensors = [p for p in model.parameters()]
+    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+        return "the native decode step takes contiguous bfloat16 weights on the CPU"
+    for m in model.modules():  # LoRA layers and other replacements compute otherwise
+        if isinstance(m, nn.Linear) and type(m) is not nn.Linear or isinstance(m, RMSNorm) and type(m) is not RMSNorm:
+            return f"a {type(m).__name__} layer, which the native decode step does not compute"
+    if any(m.bias is not None for b in model.layers for m in (b.self_attn.o_proj, b.mlp.gate_proj, b.mlp.up_proj,
+                                                              b.mlp.down_proj)):
+        return "a bias on o/gate/up/down, which the model does not have"
+    if cache.k.dtype not in (torch.bfloat16, torch.float32) or cache.k.device.type != "cpu":
+        return f"a {cache.k.dtype} KV cache on {cache.k.device}"
+    return None

@@ -1,0 +1,203 @@
+/* One decode step of the chipshift transformer (chipshift/model/transformer.py) with
+   bfloat16 weights, for a few rows, in one native call: embedding, every layer, the final
+   norm and the output projection, writing this step's keys and values into the engine's
+   KV cache.
+
+   Why: at batch 1 the arithmetic of a SmolLM2-135M step is ~11 ms of streaming weights,
+   but the same step as PyTorch operators spends as long again between them (about 20
+   operators a layer, each a dispatch, an allocation and a pass over a few KiB), which on a
+   2-core CPU held decode at a quarter of the memory bound. Here the only costs are the
+   weight streams (bf16_linear_many, one thread team per projection group) and attention.
+
+   The roundings are the model's in bfloat16: every operator's result is rounded to
+   bfloat16 where PyTorch's would be (the norms as bf16_rms_norm, RoPE's two products and
+   their sum, the residual adds, silu and its product with up), and the matmuls are exact
+   products summed in float32, rounded once. Attention is float32 throughout (scores,
+   softmax, weighted sum), rounded to bfloat16 at the end, as the engine's float32-attention
+   twin computes it; the KV cache holds bfloat16 or float32 (the same bfloat16 values).
+   Only summation orders differ from PyTorch's. */
+
+#include "bf16.h"
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+void bf16_linear_many(const uint16_t *x, int count, const uint16_t *const *w, const uint16_t *const *b,
+                      uint16_t *const *y, const int64_t *N, int64_t M, int64_t K, int threads);
+void bf16_rms_norm(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, int64_t D, float eps);
+
+typedef struct {
+    const uint16_t *attn_norm, *q, *k, *v, *q_bias, *k_bias, *v_bias, *o;
+    const uint16_t *mlp_norm, *gate, *up, *down;
+} layer_weights;
+
+typedef struct {
+    int64_t layers, dim, heads, kv_heads, head_dim, ffn, vocab;
+    int64_t slots, max_len; /* the cache: (layers, slots, kv_heads, max_len, head_dim) */
+    float eps;
+    int kv_float32; /* cache elements: 1 float32, 0 bfloat16 */
+    const uint16_t *embed, *norm, *out;
+    const float *inv_freq; /* head_dim / 2 RoPE frequencies, float32 */
+    void *k_cache, *v_cache;
+    const layer_weights *layer;
+} decoder;
+
+static inline float bmul(float a, float b) { return widen1(round1(a * b)); } /* a bfloat16 product */
+
+/* x * cos + rotate_half(x) * sin on each head of a row, with bfloat16 cos/sin: each
+   product rounded, then their sum (rotate_half's -x2 times sin is -(x2 sin) exactly). */
+static void rope(uint16_t *x, int64_t heads, int64_t hd, const float *cs, const float *sn) {
+    const int64_t half = hd / 2;
+    for (int64_t h = 0; h < heads; h++, x += hd) {
+        float t[1024];
+        for (int64_t i = 0; i < hd; i++) t[i] = widen1(x[i]);
+        for (int64_t i = 0; i < half; i++) {
+            x[i] = round1(bmul(t[i], cs[i]) - bmul(t[i + half], sn[i]));
+            x[i + half] = round1(bmul(t[i + half], cs[i + half]) + bmul(t[i], sn[i + half]));
+        }
+    }
+}
+
+static inline void add_into(uint16_t *x, const uint16_t *y, int64_t n) { /* x = bf16(x + y) */
+    for (int64_t i = 0; i < n; i++) x[i] = round1(widen1(x[i]) + widen1(y[i]));
+}
+
+/* 8 elements of a cache row as float32 */
+static inline __m256 load8(const void *row, int64_t i, int f32) {
+    return f32 ? _mm256_loadu_ps((const float *)row + i) : widen8((const uint16_t *)row + i);
+}
+
+/* Attention of one row's query heads of kv head g (heads g*G .. g*G+G-1) over the
+   row's positions 0..pos of the cache. */
+static void attend(const decoder *m, int64_t l, int64_t r, int64_t g, int64_t pos, const uint16_t *q,
+                   uint16_t *y) {
+    const int64_t hd = m->head_dim, G = m->heads / m->kv_heads, n = pos + 1;
+    const size_t esz = m->kv_float32 ? 4 : 2;
+    const int64_t base = ((l * m->slots + r) * m->kv_heads + g) * m->max_len * hd;
+    const char *kc = (const char *)m->k_cache + base * esz, *vc = (const char *)m->v_cache + base * esz;
+    const float scale = 1.0f / sqrtf((float)hd);
+    float *qf = malloc(sizeof(float) * (size_t)(G * hd * 2 + G * n)), *acc = qf + G * hd, *sc = acc + G * hd;
+    for (int64_t i = 0; i < G * hd; i++) qf[i] = widen1(q[g * G * hd + i]), acc[i] = 0.0f;
+    const int vec = hd % 8 == 0;
+    for (int64_t s = 0; s < n; s++) {
+        const void *krow = kc + s * hd * esz;
+        for (int64_t j = 0; j < G; j++) {
+            float d = 0.0f;
+            if (vec) {
+                __m256 a = _mm256_setzero_ps();
+                for (int64_t i = 0; i < hd; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qf + j * hd + i),
+                                                                       load8(krow, i, m->kv_float32), a);
+                d = hsum(a);
+            } else {
+                for (int64_t i = 0; i < hd; i++)
+                    d += qf[j * hd + i] * (m->kv_float32 ? ((const float *)krow)[i] : widen1(((const uint16_t *)krow)[i]));
+            }
+            sc[j * n + s] = d * scale;
+        }
+    }
+    for (int64_t j = 0; j < G; j++) {
+        float *p = sc + j * n, mx = -INFINITY, sum = 0.0f;
+        for (int64_t s = 0; s < n; s++) mx = p[s] > mx ? p[s] : mx;
+        for (int64_t s = 0; s < n; s++) sum += (p[s] = expf(p[s] - mx));
+        for (int64_t s = 0; s < n; s++) p[s] /= sum;
+    }
+    for (int64_t s = 0; s < n; s++) {
+        const void *vrow = vc + s * hd * esz;
+        for (int64_t j = 0; j < G; j++) {
+            const float p = sc[j * n + s];
+            if (vec) {
+                const __m256 pv = _mm256_set1_ps(p);
+                for (int64_t i = 0; i < hd; i += 8)
+                    _mm256_storeu_ps(acc + j * hd + i, _mm256_fmadd_ps(pv, load8(vrow, i, m->kv_float32),
+                                                                      _mm256_loadu_ps(acc + j * hd + i)));
+            } else {
+                for (int64_t i = 0; i < hd; i++)
+                    acc[j * hd + i] += p * (m->kv_float32 ? ((const float *)vrow)[i] : widen1(((const uint16_t *)vrow)[i]));
+            }
+        }
+    }
+    for (int64_t i = 0; i < G * hd; i++) y[g * G * hd + i] = round1(acc[i]);
+    free(qf);
+}
+
+/* This step's k and v of a row into the cache at its position. */
+static void store_kv(const decoder *m, int64_t l, int64_t r, int64_t pos, const uint16_t *k, const uint16_t *v) {
+    const int64_t hd = m->head_dim;
+    for (int64_t g = 0; g < m->kv_heads; g++) {
+        const int64_t at = (((l * m->slots + r) * m->kv_heads + g) * m->max_len + pos) * hd;
+        for (int64_t i = 0; i < hd; i++) {
+            if (m->kv_float32) {
+                ((float *)m->k_cache)[at + i] = widen1(k[g * hd + i]);
+                ((float *)m->v_cache)[at + i] = widen1(v[g * hd + i]);
+            } else {
+                ((uint16_t *)m->k_cache)[at + i] = k[g * hd + i];
+                ((uint16_t *)m->v_cache)[at + i] = v[g * hd + i];
+            }
+        }
+    }
+}
+
+/* Rows 0..rows-1 are cache slots 0..rows-1; row r's token tokens[r] goes at position
+   positions[r] and attends to positions 0..positions[r]. logits: rows x vocab float32 (the
+   bfloat16 logits, widened). Returns 0, or -1 when a shape is outside what this code takes. */
+int decode_step(const decoder *m, int64_t rows, const int64_t *tokens, const int64_t *positions, float *logits,
+                int threads) {
+    const int64_t D = m->dim, hd = m->head_dim, QD = m->heads * hd, KD = m->kv_heads * hd, F = m->ffn;
+    if (hd > 1024 || hd % 2 || m->heads % m->kv_heads || rows > m->slots) return -1;
+    uint16_t *x = malloc(2 * (size_t)(rows * (3 * D + 2 * QD + 2 * KD + 2 * F + m->vocab)));
+    uint16_t *h = x + rows * D, *o = h + rows * D, *q = o + rows * D, *k = q + rows * QD, *v = k + rows * KD;
+    uint16_t *att = v + rows * KD, *g = att + rows * QD, *u = g + rows * F, *lg = u + rows * F;
+    float *cs = malloc(sizeof(float) * (size_t)(rows * hd * 2)), *sn = cs + rows * hd;
+    for (int64_t r = 0; r < rows; r++) {
+        memcpy(x + r * D, m->embed + tokens[r] * D, sizeof(uint16_t) * (size_t)D);
+        for (int64_t i = 0; i < hd / 2; i++) { /* positions * inv_freq in float32, cos/sin to bfloat16 */
+            const float f = (float)positions[r] * m->inv_freq[i];
+            cs[r * hd + i] = cs[r * hd + i + hd / 2] = widen1(round1(cosf(f)));
+            sn[r * hd + i] = sn[r * hd + i + hd / 2] = widen1(round1(sinf(f)));
+        }
+    }
+    for (int64_t l = 0; l < m->layers; l++) {
+        const layer_weights *L = m->layer + l;
+        bf16_rms_norm(x, L->attn_norm, h, rows, D, m->eps);
+        const uint16_t *w3[3] = {L->q, L->k, L->v}, *b3[3] = {L->q_bias, L->k_bias, L->v_bias};
+        uint16_t *y3[3] = {q, k, v};
+        const int64_t n3[3] = {QD, KD, KD};
+        bf16_linear_many(h, 3, w3, L->q_bias ? b3 : NULL, y3, n3, rows, D, threads);
+        for (int64_t r = 0; r < rows; r++) {
+            rope(q + r * QD, m->heads, hd, cs + r * hd, sn + r * hd);
+            rope(k + r * KD, m->kv_heads, hd, cs + r * hd, sn + r * hd);
+            store_kv(m, l, r, positions[r], k + r * KD, v + r * KD);
+        }
+        const int64_t tasks = rows * m->kv_heads;
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t t = 0; t < tasks; t++)
+            attend(m, l, t / m->kv_heads, t % m->kv_heads, positions[t / m->kv_heads], q + (t / m->kv_heads) * QD,
+                   att + (t / m->kv_heads) * QD);
+        const uint16_t *wo[1] = {L->o};
+        uint16_t *yo[1] = {o};
+        const int64_t nd[1] = {D};
+        bf16_linear_many(att, 1, wo, NULL, yo, nd, rows, QD, threads);
+        add_into(x, o, rows * D);
+        bf16_rms_norm(x, L->mlp_norm, h, rows, D, m->eps);
+        const uint16_t *w2[2] = {L->gate, L->up};
+        uint16_t *y2[2] = {g, u};
+        const int64_t n2[2] = {F, F};
+        bf16_linear_many(h, 2, w2, NULL, y2, n2, rows, D, threads);
+        for (int64_t i = 0; i < rows * F; i++) { /* silu(gate) rounded, times up rounded */
+            const float a = widen1(g[i]);
+            g[i] = round1(widen1(round1(a / (1.0f + expf(-a)))) * widen1(u[i]));
+        }
+        const uint16_t *wd[1] = {L->down};
+        bf16_linear_many(g, 1, wd, NULL, yo, nd, rows, F, threads);
+        add_into(x, o, rows * D);
+    }
+    bf16_rms_norm(x, m->norm, h, rows, D, m->eps);
+    const uint16_t *wl[1] = {m->out};
+    uint16_t *yl[1] = {lg};
+    const int64_t nv[1] = {m->vocab};
+    bf16_linear_many(h, 1, wl, NULL, yl, nv, rows, D, threads);
+    for (int64_t i = 0; i < rows * m->vocab; i++) logits[i] = widen1(lg[i]);
+    free(cs);
+    free(x);
+    return 0;
+}
