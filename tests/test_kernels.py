@@ -175,3 +175,112 @@ def test_linear_on_either_side_of_the_kernel_row_limit(rows):
     assert got.dtype == torch.bfloat16 and got.shape == (rows, 70)
     ulp = want.float().abs().clamp_min(1e-3) * 2 ** -7
     assert ((got.float() - want.float()).abs() <= ulp).all()
+
+
+# -- the native decode step (decode.c) ----------------------------------------------------------
+def _engine_after_prefill(monkeypatch, half, qkv_bias, lengths, slots=8):
+    """An engine under `half` whose slots 0.. hold prompts of `lengths`, prefilled through the
+    model, and random tokens for the next step."""
+    from chipshift.infer.engine import Engine, Request
+    from chipshift.infer.sampling import SamplingParams
+
+    monkeypatch.setenv("CHIPSHIFT_HALF", half)
+    monkeypatch.setenv("CHIPSHIFT_CPU_KERNELS", "on")
+    model = build_model(preset("tiny", init_std=0.15, max_seq_len=96, qkv_bias=qkv_bias), dtype=torch.bfloat16, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    if qkv_bias:  # the init leaves biases at zero: make them count
+        for b in model.layers:
+            for m in (b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj):
+                m.bias.data.copy_(torch.randn(m.bias.shape, generator=gen) * 0.3)
+    engine = Engine(model, max_batch=slots)
+    with torch.inference_mode():
+        for slot, T in enumerate(lengths):
+            prompt = torch.randint(0, model.cfg.vocab_size, (T,), generator=gen).tolist()
+            engine._prefill(slot, Request(prompt, SamplingParams(max_tokens=4, seed=0)))
+    tokens = torch.randint(0, model.cfg.vocab_size, (len(lengths),), generator=gen)
+    return engine, tokens, torch.tensor(lengths)
+
+
+def _both_ways(engine, tokens, positions):
+    """The step's logits and cache through the model, then through the native step from the
+    same cache."""
+    rows = tokens.shape[0]
+    cache = engine.cache
+    k0, v0 = cache.k.clone(), cache.v.clone()
+    with torch.inference_mode():
+        want = engine._decode_forward(tokens[:, None], positions, rows, int(positions.max()) + 1)
+        want_kv = cache.k.clone(), cache.v.clone()
+        cache.k.copy_(k0), cache.v.copy_(v0)
+        got = engine.native_step(tokens, positions)
+    return got, want, (cache.k, cache.v), want_kv
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+@pytest.mark.parametrize("lengths", [[5], [5, 9, 2], [3, 1, 4, 1, 5, 9, 2, 6]], ids=["1row", "3rows", "8rows"])
+def test_native_step_is_the_emulating_twin_bitwise(monkeypatch, qkv_bias, lengths):
+    """Where the CPU emulates bfloat16 the twin runs the same kernels and attends in float32:
+    the native step gives the very same logits and cache, with biases, GQA, rows at
+    different positions, and the 7+-row kernel path."""
+    engine, tokens, positions = _engine_after_prefill(monkeypatch, "emulated", qkv_bias, lengths)
+    assert engine.native_step is not None and engine.cache.k.dtype == torch.float32
+    got, want, kv, want_kv = _both_ways(engine, tokens, positions)
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(kv, want_kv))
+
+
+def test_native_step_beside_native_bfloat16_agrees_up_to_rounding(monkeypatch):
+    """On a CPU with bfloat16 arithmetic the model attends in torch's bfloat16 kernel over a
+    bfloat16 cache and the native step in float32 over the same cache: logits agree to
+    bfloat16 rounding noise."""
+    engine, tokens, positions = _engine_after_prefill(monkeypatch, "native", False, [5, 9, 2])
+    assert engine.native_step is not None and engine.cache.k.dtype == torch.bfloat16
+    assert engine.native_step.max_rows == kernels.NATIVE_KERNEL_MAX_ROWS
+    got, want, kv, want_kv = _both_ways(engine, tokens, positions)
+    scale = want.abs().max()
+    assert (got - want).abs().max() <= 0.03 * scale
+    assert all(((a.float() - b.float()).abs().max() <= 0.03 * b.float().abs().max()) for a, b in zip(kv, want_kv))
+
+
+def test_engine_decodes_through_the_model_beyond_the_native_steps_rows(monkeypatch):
+    """Batches larger than the native step's max_rows take the model's path; tokens agree with
+    an engine without the native step."""
+    from chipshift.infer.engine import Engine
+    from chipshift.infer.sampling import SamplingParams
+
+    monkeypatch.setenv("CHIPSHIFT_HALF", "emulated")
+    monkeypatch.setattr(kernels, "KERNEL_MAX_ROWS", 2)
+    model = build_model(preset("tiny", init_std=0.15, max_seq_len=96), dtype=torch.bfloat16, seed=0)
+    engine = Engine(model, max_batch=4)
+    calls = []
+    step = engine.native_step
+    engine.native_step = type("Counted", (), {"max_rows": step.max_rows,
+                                              "__call__": lambda self, *a: calls.append(len(a[0])) or step(*a)})()
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    two = engine.generate(prompts[:2], params)
+    assert calls and set(calls) == {2}
+    calls.clear()
+    four = engine.generate(prompts, params)
+    assert calls == []  # 4 rows > max_rows 2: every step through the model
+    assert four[:2] == two
+
+
+def test_native_step_refuses_what_it_does_not_compute(monkeypatch):
+    """float32 weights and LoRA layers: no native step (with the reason), and the engine decodes
+    through the model."""
+    from chipshift.infer.cache import KVCache
+    from chipshift.model.lora import LoRAConfig, apply_lora
+
+    cfg = preset("tiny", max_seq_len=32)
+    fp32 = build_model(cfg, dtype=torch.float32, seed=0)
+    cache = KVCache(cfg, 2, 32, torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(kernels.Unavailable, match="bfloat16 weights"):
+        kernels.DecodeStep(fp32, cache, 2)
+    lora_model = build_model(cfg, dtype=torch.float32, seed=0)
+    apply_lora(lora_model, LoRAConfig(enabled=True, rank=2))
+    lora_model.to(torch.bfloat16)
+    with pytest.raises(kernels.Unavailable, match="LoRALinear"):
+        kernels.DecodeStep(lora_model, cache, 2)
+    monkeypatch.setenv("CHIPSHIFT_HALF", "emulated")
+    decision = get_device("cpu").precision.decode_step(lora_model, cache)
+    assert decision.value is None and "LoRALinear" in decision.reason

@@ -111,6 +111,26 @@ def test_the_probe_decides_at_one_line(monkeypatch, half, full, native):
     assert dev.precision.matmul_upcast(torch.bfloat16).value is (not native)
 
 
+@pytest.mark.parametrize("kernels_off", [False, True])
+def test_float16_native_bfloat16_emulated(monkeypatch, kernels_off):
+    """A CPU with AVX512-FP16 and AVX512-BF16 but no AMX (measured: float16 matmul 303 GFLOP/s,
+    bfloat16 155, float32 243): training computes in float16; serving holds bfloat16 weights
+    where chipshift's kernels decode them, else float16 too."""
+    if not kernels_off and not KERNEL_BUILDS:
+        pytest.skip(f"the bf16 kernel does not build here: {kernels.bf16_linear_status()}")
+    dev = policy(monkeypatch, kernels_off=kernels_off)
+    figures = {torch.float32: 243e9, torch.bfloat16: 155e9, torch.float16: 303e9}
+    monkeypatch.setattr(dev, "peak_flops", lambda dtype: (figures[dtype], "fake"))
+    p = dev.precision
+    assert not p.half_native(torch.bfloat16).value and p.half_native(torch.float16).value
+    assert p.compute_dtype().value == torch.float16
+    serving = p.serving_dtype()
+    assert serving.value == (torch.float16 if kernels_off else torch.bfloat16)
+    assert ("native kernels" in serving.reason) is not kernels_off
+    assert p.serving_dtype("float16").value == torch.float16  # the user's choice stands
+    assert p.serving_dtype(compiled=True).value == torch.float16  # compiled: torch's kernels
+
+
 def test_a_bad_pin_names_the_variable_and_the_allowed_values(monkeypatch):
     monkeypatch.setenv(HALF_ENV, "fast")
     with pytest.raises(ConfigError, match="CHIPSHIFT_HALF = 'fast': allowed values are auto, native, emulated"):
@@ -175,4 +195,5 @@ def test_engine_takes_the_policys_inference_path(monkeypatch, half, pin, twin):
     # the emulating CPU's twin attends in float32 from a float32 cache; the native one in bfloat16
     assert engine.cache.k.dtype == (torch.float32 if twin and half == "emulated" else torch.bfloat16)
     assert ("AVX2 kernel" in (engine.kernel_note or "")) is twin
+    assert (engine.native_step is not None) is twin  # and with the twin, the native decode step
     assert ("CHIPSHIFT_CPU_KERNELS=off" in (engine.kernel_note or "")) is (half == "emulated" and pin == "off")

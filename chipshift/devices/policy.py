@@ -18,7 +18,13 @@ fact, probed with a timed matmul, drives the decisions below:
                             steps through the  input, where the kernel builds
                             kernel where it
                             beats torch (probe)
+    native decode step      where the twin     where the twin runs: the whole (follows the twin)
+                            runs, up to 8 rows step in one native call
     KV-cache dtype          the weights'       float32 under the twin         (follows the twin)
+
+A CPU may have native float16 but emulate bfloat16 (AVX512-FP16 without AMX): it trains in
+float16 (with loss scaling) and serves bfloat16 weights through the twin and decode step,
+which stream half float32's bytes without torch's per-operator overhead.
 
 The probes behind the table (is half native; does the kernel build; does it beat torch's
 one-row GEMV) can be pinned from outside, for tests and for users:
@@ -183,19 +189,23 @@ class PrecisionPolicy:
 
     # -- inference ---------------------------------------------------------------------------
     def serving_dtype(self, override: str | None = None, compiled: bool = False) -> Decision:
-        """The dtype to hold weights in for inference: as `compute_dtype`, except on a CPU that
-        emulates bfloat16 but can use chipshift's kernel (not under compile, which runs torch's
-        own kernels): there bfloat16 serves faster than float32, since decoding streams every
-        weight once per token and bfloat16 halves those bytes."""
+        """The dtype to hold weights in for inference: bfloat16 on a CPU where chipshift's
+        native kernels run bfloat16 decode steps (`inference_twin`; not under compile, which
+        runs torch's own kernels): decoding streams every weight once per token, and there
+        bfloat16 halves float32's bytes and skips torch's per-operator overhead, whatever
+        the CPU's half arithmetic (float16 may be the native compute dtype, as on AVX512-FP16
+        CPUs without AMX). Elsewhere as `compute_dtype`."""
         choice = self.compute_dtype(override)
-        if (override is not None and override != "auto") or compiled or choice.value != torch.float32 \
-                or not self.device.is_cpu or not self.device.dtype_works(torch.bfloat16):
+        if (override is not None and override != "auto") or compiled or not self.device.is_cpu \
+                or not self.device.dtype_works(torch.bfloat16):
             return choice
-        kernel = self.cpu_kernel()
-        if not kernel.value:
+        twin = self.inference_twin(torch.bfloat16)
+        if twin.value:
+            return Decision(torch.bfloat16, f"bfloat16 (decoding streams every weight once per token: half the bytes "
+                                            f"of float32, through chipshift's native kernels: {twin.reason})")
+        if choice.value == torch.float32 and not (kernel := self.cpu_kernel()).value:
             return Decision(torch.float32, f"{choice.reason}; no native kernel for bfloat16 weights: {kernel.reason}")
-        return Decision(torch.bfloat16, "bfloat16 (decoding streams the weights: half the bytes of float32, "
-                                        "multiplied by chipshift's AVX2 kernel since this CPU emulates bfloat16)")
+        return choice
 
     def inference_twin(self, dtype: torch.dtype) -> Decision:
         """Whether inference in `dtype` runs a twin of the model through chipshift's CPU kernel:
