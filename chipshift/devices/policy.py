@@ -207,11 +207,12 @@ class PrecisionPolicy:
             return Decision(torch.float32, f"{choice.reason}; no native kernel for bfloat16 weights: {kernel.reason}")
         return choice
 
-    def inference_twin(self, dtype: torch.dtype) -> Decision:
+    def inference_twin(self, dtype: torch.dtype, quantized: bool = False) -> Decision:
         """Whether inference in `dtype` runs a twin of the model through chipshift's CPU kernel:
         bfloat16 weights on a CPU that emulates bfloat16, where the kernel can be used; on a
         CPU with bfloat16 arithmetic, for decode-sized inputs only, where the kernel measures
-        faster than torch (`kernel_beats_torch`)."""
+        faster than torch (`kernel_beats_torch`), or where the model holds `quantized` blocks
+        (which torch would dequantize at every call)."""
         if dtype != torch.bfloat16 or not self.device.is_cpu:
             return Decision(False, f"{dtype_name(dtype)} on {self.device.type} runs on torch's own kernels")
         native = self.half_native(dtype)
@@ -219,6 +220,9 @@ class PrecisionPolicy:
         if not kernel.value:
             return Decision(False, f"torch's {'native' if native.value else 'emulated'} bfloat16 kernels "
                                    f"(no native kernel: {kernel.reason})")
+        if quantized and native.value:
+            return Decision(True, "quantized blocks through chipshift's integer kernels; decode steps (up to 8 "
+                                  "rows) through its AVX2 kernel, longer inputs on torch's native bfloat16 kernels")
         if not native.value:
             return Decision(True, "bfloat16 weights through chipshift's AVX2 kernel (this CPU has no bfloat16 "
                                   "arithmetic; float32 accumulation; KV cache in float32)")
@@ -231,7 +235,7 @@ class PrecisionPolicy:
     def for_inference(self, model: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.nn.Module, str | None]:
         """The model to run inference with in `dtype`, and what changed (None: nothing): the
         kernel twin of `inference_twin` (sharing the model's weights), or the model itself."""
-        twin = self.inference_twin(dtype)
+        twin = self.inference_twin(dtype, quantized=_is_quantized(model))
         if not twin.value:
             return model, (twin.reason if dtype == torch.bfloat16 and self.device.is_cpu
                            and not self.half_native(dtype).value else None)
@@ -244,8 +248,8 @@ class PrecisionPolicy:
         (`kernels.DecodeStep`, the model's whole step in one call, none of PyTorch's
         per-operator overhead), for up to as many rows as the twin sends through the kernel.
         Its value is None elsewhere, and the engine decodes through the model."""
-        dtype = model.output_weight.dtype
-        twin = self.inference_twin(dtype)
+        dtype = model.dtype
+        twin = self.inference_twin(dtype, quantized=_is_quantized(model))
         if not twin.value:
             return Decision(None, twin.reason)
         from chipshift.devices import kernels
@@ -272,3 +276,9 @@ class PrecisionPolicy:
         }
         return {k: {"value": dtype_name(d.value) if isinstance(d.value, torch.dtype) else d.value, "reason": d.reason}
                 for k, d in rows.items()}
+
+
+def _is_quantized(model: torch.nn.Module) -> bool:
+    from chipshift.model.quant import QuantEmbedding, QuantLinear
+
+    return any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())

@@ -89,8 +89,7 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.cfg = model.cfg
-        weight = model.output_weight
-        self.device, self.dtype = weight.device, weight.dtype
+        self.device, self.dtype = model.norm.weight.device, model.dtype
         self.dtype_reason = dtype_name(self.dtype)  # from_checkpoint says why it was chosen
         self.max_batch = max_batch
         self.max_len = min(max_len or DEFAULT_MAX_LEN, self.cfg.max_seq_len)

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from chipshift.errors import CheckpointError, ChipshiftError
 from chipshift.model.config import ModelConfig
+from chipshift.model.quant import quantized_modules, swap_in
 from chipshift.model.transformer import Transformer, build_model
 
 SIDECAR = "chipshift.json"
@@ -82,8 +83,10 @@ def state_dict_for_save(model: Transformer) -> dict[str, torch.Tensor]:
 def write_checkpoint(out: str | Path, tensors: dict[str, torch.Tensor], cfg: ModelConfig, *,
                      dtype: torch.dtype | str | None = None, device: str = "cpu",
                      tokenizer_dir: str | Path | None = None, meta: dict | None = None,
-                     extra_files: dict[str, Path] | None = None, handoffs: list | None = None) -> Path:
-    """Write a checkpoint directory atomically. `extra_files` maps names to files to copy in."""
+                     extra_files: dict[str, Path] | None = None, handoffs: list | None = None,
+                     quantized: dict[str, str] | None = None) -> Path:
+    """Write a checkpoint directory atomically. `extra_files` maps names to files to copy in;
+    `quantized` names the tensors that are quantized blocks and their formats."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
@@ -117,6 +120,8 @@ def write_checkpoint(out: str | Path, tensors: dict[str, torch.Tensor], cfg: Mod
             "meta": meta or {},
             "handoffs": handoffs or [],
         }
+        if quantized:
+            sidecar["quantized"] = dict(quantized)
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2))
         _fsync_file(tmp / SIDECAR)
         _fsync_dir(tmp)
@@ -137,7 +142,8 @@ def write_checkpoint(out: str | Path, tensors: dict[str, torch.Tensor], cfg: Mod
 def save_checkpoint(model: Transformer, out: str | Path, **kwargs) -> Path:
     """Save a model (see `write_checkpoint` for the keyword arguments)."""
     sd = state_dict_for_save(model)
-    kwargs.setdefault("dtype", next(iter(sd.values())).dtype)
+    kwargs.setdefault("dtype", model.dtype)
+    kwargs.setdefault("quantized", quantized_modules(model))
     return write_checkpoint(out, sd, model.cfg, **kwargs)
 
 
@@ -193,8 +199,10 @@ def load_checkpoint(path: str | Path, device="cpu", dtype: torch.dtype | None = 
     """Load a checkpoint as a model on `device` (in `dtype`, default: as stored)."""
     tensors, data = load_tensors(path, verify)
     cfg = ModelConfig.from_dict(data["model_config"])
-    dtype = dtype or next(iter(tensors.values())).dtype
+    quantized = data.get("quantized") or {}
+    dtype = dtype or next(v.dtype for k, v in tensors.items() if k not in quantized)
     model = build_model(cfg, device=device, dtype=dtype, seed=None)
+    swap_in(model, quantized)  # quantized blocks load into quantized layers, as they are
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path}: weights do not match its config "

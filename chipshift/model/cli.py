@@ -21,7 +21,21 @@ def register(sub) -> None:
     p.add_argument("out", metavar="OUT", help="checkpoint directory to write")
     p.add_argument("--dtype", choices=DTYPE_CHOICES,
                    help="store the weights in this dtype (default: as in SRC; float32 for GGUF)")
+    p.add_argument("--keep-quantized", action="store_true",
+                   help="GGUF: keep Q8_0/Q4_0/Q4_1 tensors as their quantized blocks (served with integer "
+                        "matmuls, never dequantized in memory); the rest in --dtype (default bfloat16)")
     p.set_defaults(func=run_import)
+
+    p = sub.add_parser("quantize", help="quantize a checkpoint's weights for serving (Q8_0, Q4_0, Q4_1)",
+                       description="Write checkpoint CKPT to OUT with its linear layers' weights quantized to "
+                                   "FORMAT (GGUF blocks, as llama.cpp's reference quantizers make them) and its "
+                                   "embedding to --embedding-format; norms stay bfloat16. `chipshift serve OUT` "
+                                   "multiplies the blocks as they are.")
+    p.add_argument("ckpt", metavar="CKPT", help="chipshift checkpoint directory")
+    p.add_argument("out", metavar="OUT", help="checkpoint directory to write")
+    p.add_argument("--format", default="Q4_1", help="Q8_0, Q4_0 or Q4_1 (default: Q4_1)")
+    p.add_argument("--embedding-format", default="Q8_0", help="Q8_0 (default), Q4_0, Q4_1, or none")
+    p.set_defaults(func=run_quantize)
 
     p = sub.add_parser("export", help="write a chipshift checkpoint in another format",
                        description="Write checkpoint CKPT as a Hugging Face model folder OUT (config.json, "
@@ -50,7 +64,7 @@ def register(sub) -> None:
     p.set_defaults(func=run_generate)
 
 
-def import_model(src: str | Path, out: str | Path, dtype=None) -> Path:
+def import_model(src: str | Path, out: str | Path, dtype=None, keep_quantized: bool = False) -> Path:
     """Import a .gguf file or a Hugging Face folder; the format is told by what SRC is."""
     from chipshift.model.gguf import import_gguf
     from chipshift.model.hf import import_hf, is_hf_folder
@@ -59,7 +73,9 @@ def import_model(src: str | Path, out: str | Path, dtype=None) -> Path:
     if not src.exists():
         raise ChipshiftError(f"not found: {src}")
     if src.is_file() and src.suffix == ".gguf":
-        return import_gguf(src, out, dtype=dtype)
+        return import_gguf(src, out, dtype=dtype, keep_quantized=keep_quantized)
+    if keep_quantized:
+        raise ChipshiftError("--keep-quantized applies to .gguf files (a Hugging Face folder holds float weights)")
     if is_hf_folder(src):
         return import_hf(src, out, dtype=dtype)
     raise ChipshiftError(f"{src} is neither a .gguf file nor a Hugging Face model folder (with config.json)")
@@ -68,8 +84,27 @@ def import_model(src: str | Path, out: str | Path, dtype=None) -> Path:
 def run_import(args) -> int:
     from chipshift.devices import parse_dtype
 
-    out = import_model(args.src, args.out, parse_dtype(args.dtype) if args.dtype else None)
+    out = import_model(args.src, args.out, parse_dtype(args.dtype) if args.dtype else None,
+                       keep_quantized=args.keep_quantized)
     print(f"wrote {out}")
+    return 0
+
+
+def run_quantize(args) -> int:
+    import torch
+
+    from chipshift.model.checkpoint import load_checkpoint, save_checkpoint
+    from chipshift.model.quant import check_format, quantize_model
+
+    check_format(args.format)
+    embedding = None if args.embedding_format.lower() == "none" else check_format(args.embedding_format)
+    model, side = load_checkpoint(args.ckpt, dtype=torch.float32)
+    if side.get("quantized"):
+        raise ChipshiftError(f"{args.ckpt} is quantized already ({', '.join(sorted(set(side['quantized'].values())))})")
+    formats = quantize_model(model, args.format, embedding)
+    out = save_checkpoint(model.to(torch.bfloat16), args.out, tokenizer_dir=args.ckpt,
+                          meta={**side.get("meta", {}), "quantized_from": str(Path(args.ckpt).resolve())})
+    print(f"wrote {out} ({len(formats)} weights quantized: {args.format}, embedding {embedding or 'bfloat16'})")
     return 0
 
 

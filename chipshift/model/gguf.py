@@ -2,7 +2,7 @@
 
 Supported: `general.architecture` llama (Llama, Mistral, SmolLM2, ...) and qwen2, with
 tensors in F32, F16, BF16, Q8_0, Q4_0 or Q4_1 (dequantised to float32 by the `gguf`
-package). Three things differ from the Hugging Face layout:
+package, or with `keep_quantized` kept as the quantized blocks they are). Three things differ from the Hugging Face layout:
 
   - names: `blk.3.attn_q.weight` is our `layers.3.self_attn.q_proj.weight` (map below);
   - RoPE layout: llama.cpp's converter permutes the rows of q_proj and k_proj of llama
@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from chipshift.errors import CheckpointError
+from chipshift.model import quant
 from chipshift.model.checkpoint import write_checkpoint
 from chipshift.model.config import ModelConfig
 from chipshift.model.hf import check_state_dict
@@ -122,23 +123,31 @@ def config_from_gguf(reader) -> ModelConfig:
 
 
 # -- tensors -----------------------------------------------------------------------------
-def read_gguf_tensors(reader, cfg: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
+def read_gguf_tensors(reader, cfg: ModelConfig, arch: str, keep_quantized: bool = False
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Our state dict from the GGUF's tensors, and {name: format} of those kept quantized:
+    with `keep_quantized`, tensors in a format chipshift serves (Q8_0, Q4_0, Q4_1) keep
+    their blocks byte for byte; other quantized formats are refused; the rest (norms,
+    float tensors) is dequantised to float32."""
     from gguf.quants import dequantize
 
-    sd = {}
-    for t in tqdm(reader.tensors, desc="dequantising GGUF", unit="tensor", leave=False):
-        if t.tensor_type.name not in SUPPORTED_TYPES:
-            raise CheckpointError(f"GGUF tensor {t.name} has type {t.tensor_type.name}; "
-                                  f"supported: {', '.join(SUPPORTED_TYPES)}")
-        # `dequantize` returns float32 in PyTorch's (rows, cols) order
-        w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
+    sd, kept = {}, {}
+    for t in tqdm(reader.tensors, desc="reading GGUF", unit="tensor", leave=False):
+        kind = t.tensor_type.name
+        if kind not in SUPPORTED_TYPES:
+            raise CheckpointError(f"GGUF tensor {t.name} has type {kind}; supported: {', '.join(SUPPORTED_TYPES)}")
         name = our_name(t.name)
-        if arch == "llama" and ".q_proj." in name:
+        if keep_quantized and kind in quant.FORMATS:
+            w = torch.from_numpy(np.array(t.data, dtype=np.uint8)).reshape(t.data.shape[0], -1)  # (rows, bytes)
+            kept[name] = kind
+        else:  # `dequantize` returns float32 in PyTorch's (rows, cols) order
+            w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
+        if arch == "llama" and ".q_proj." in name:  # whole rows move: blocks stay intact
             w = unpermute_rope_rows(w, cfg.num_heads)
         elif arch == "llama" and ".k_proj." in name:
             w = unpermute_rope_rows(w, cfg.num_kv_heads)
         sd[name] = w.contiguous()
-    return sd
+    return sd, kept
 
 
 def write_tokenizer(gguf_path: Path, reader, out: Path) -> None:
@@ -159,8 +168,11 @@ def write_tokenizer(gguf_path: Path, reader, out: Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
 
-def import_gguf(src: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Convert a `.gguf` file into a chipshift checkpoint at `out` (float32 unless `dtype`)."""
+def import_gguf(src: str | Path, out: str | Path, dtype: torch.dtype | None = None,
+                keep_quantized: bool = False) -> Path:
+    """Convert a `.gguf` file into a chipshift checkpoint at `out` (float32 unless `dtype`).
+    With `keep_quantized` its Q8_0/Q4_0/Q4_1 tensors stay quantized blocks (served by
+    `chipshift.model.quant`'s layers) and the rest is stored in `dtype` (default bfloat16)."""
     from gguf import GGUFReader
 
     src = Path(src)
@@ -171,14 +183,19 @@ def import_gguf(src: str | Path, out: str | Path, dtype: torch.dtype | None = No
     except (ValueError, OSError, IndexError) as exc:
         raise CheckpointError(f"{src} is not a readable GGUF file: {exc}") from None
     cfg = config_from_gguf(reader)
-    sd = read_gguf_tensors(reader, cfg, _field(reader, "general.architecture"))
-    check_state_dict(sd, cfg, src)
+    sd, kept = read_gguf_tensors(reader, cfg, _field(reader, "general.architecture"), keep_quantized)
+    if keep_quantized and not kept:
+        raise CheckpointError(f"{src} holds no tensor in a format chipshift serves quantized "
+                              f"({', '.join(quant.FORMATS)}); import it without --keep-quantized")
+    check_state_dict(sd, cfg, src, quantized=kept)
+    dtype = dtype or (torch.bfloat16 if keep_quantized else None)
     if dtype is not None:
-        sd = {k: v.to(dtype) for k, v in sd.items()}
+        sd = {k: v if k in kept else v.to(dtype) for k, v in sd.items()}
     meta = {"imported_from": {"format": "gguf", "path": str(src.resolve()),
                               "file_type": _field(reader, "general.file_type")}}
     with tempfile.TemporaryDirectory() as tmp:
         has_tokenizer = "tokenizer.ggml.model" in reader.fields
         if has_tokenizer:
             write_tokenizer(src, reader, Path(tmp))
-        return write_checkpoint(out, sd, cfg, tokenizer_dir=tmp if has_tokenizer else None, meta=meta)
+        return write_checkpoint(out, sd, cfg, dtype=dtype or torch.float32, quantized=kept,
+                                tokenizer_dir=tmp if has_tokenizer else None, meta=meta)

@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from chipshift.errors import CheckpointError
+from chipshift.model import quant
 from chipshift.model.checkpoint import load_tensors, write_checkpoint
 from chipshift.model.config import ModelConfig
 
@@ -175,12 +176,16 @@ def _state_dict_from_hf(hf_tensors: dict[str, torch.Tensor], cfg: ModelConfig, s
     return sd
 
 
-def check_state_dict(sd: dict, cfg: ModelConfig, src: Path) -> None:
-    """Refuse imported weights whose names or shapes disagree with the config."""
+def check_state_dict(sd: dict, cfg: ModelConfig, src: Path, quantized: dict[str, str] | None = None) -> None:
+    """Refuse imported weights whose names or shapes disagree with the config (`quantized`:
+    {name: format} of the tensors that are quantized blocks)."""
+    from chipshift.model.quant import swap_in
     from chipshift.model.transformer import Transformer
 
     with torch.device("meta"):
-        want = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+        model = Transformer(cfg)
+        swap_in(model, quantized or {})
+        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
     if missing or unexpected:
         raise CheckpointError(f"{src}: weights do not match the config "
@@ -262,7 +267,11 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     ckpt, out = Path(ckpt), Path(out)
     tensors, side = load_tensors(ckpt)
     cfg = ModelConfig.from_dict(side["model_config"])
-    dtype = next(iter(tensors.values())).dtype
+    quantized = side.get("quantized") or {}
+    dtype = next(v.dtype for k, v in tensors.items() if k not in quantized)
+    for name, fmt in quantized.items():  # Hugging Face folders hold float weights: dequantize
+        K = tensors[name].shape[1] // quant.block_bytes(fmt) * quant.BLOCK
+        tensors[name] = quant.dequantize(tensors[name], fmt, K).to(dtype)
     hf_tensors = {(k if k == "lm_head.weight" else f"model.{k}"): v.contiguous() for k, v in tensors.items()}
     if cfg.architecture == "llama" and cfg.qkv_bias:
         for i in range(cfg.num_layers):

@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from chipshift.model.config import ModelConfig
+from chipshift.model.quant import QuantEmbedding, QuantLinear
 
 # -- RMSNorm, RoPE and SwiGLU ----------------------------------------------------------
 # While autograd records, these three run as autograd Functions with hand-written backward
@@ -340,7 +341,15 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, attn_mask, cache, self.attn_impl)
         return self.norm(x)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in (its weights', unless they are quantized blocks)."""
+        return self.norm.weight.dtype
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.embed_tokens if self.lm_head is None else self.lm_head
+        if isinstance(out, (QuantLinear, QuantEmbedding)):
+            return out(hidden) if isinstance(out, QuantLinear) else out.linear(hidden)
         return F.linear(hidden, self.output_weight)
 
     def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -348,8 +357,8 @@ class Transformer(nn.Module):
         return self.logits(self.forward_hidden(input_ids, **kwargs))
 
     # -- other kernels -----------------------------------------------------------------
-    def with_kernels(self, *, linear=None, linear_many=None, rms_norm=None, attn_impl: str | None = None,
-                     kv_cache_dtype: torch.dtype | None = None) -> Transformer:
+    def with_kernels(self, *, linear=None, linear_many=None, rms_norm=None, quant_linear=None,
+                     attn_impl: str | None = None, kv_cache_dtype: torch.dtype | None = None) -> Transformer:
         """A twin of this model for inference that computes with kernels the caller passes in
         (the device layer's, `chipshift.devices.kernels`): the same parameters and buffers,
         shared, not copied, and its own module objects. This model is left as it was.
@@ -358,6 +367,7 @@ class Transformer(nn.Module):
           linear_many(x, weights, biases) -> [y, ...]  projections that read the same input
                                                        (q/k/v, gate/up) in one call
           rms_norm(x, weight, eps) -> y                each RMSNorm
+          quant_linear(x, blocks, fmt, bias) -> y      each quantized layer (chipshift.model.quant)
 
         A kernel returns None where it does not apply (a dtype or a shape it does not take),
         and that call runs the plain path. `attn_impl` and `kv_cache_dtype`, when given, are
@@ -375,6 +385,8 @@ class Transformer(nn.Module):
                 module.gate_up = functools.partial(_swapped_many, linear_many, (module.gate_proj, module.up_proj))
             if rms_norm is not None and isinstance(module, RMSNorm):
                 module.forward = functools.partial(_swapped_norm, rms_norm, module)
+            if quant_linear is not None and isinstance(module, (QuantLinear, QuantEmbedding)):
+                module.kernel = quant_linear
         if attn_impl is not None:
             twin.attn_impl = attn_impl
         if kv_cache_dtype is not None:

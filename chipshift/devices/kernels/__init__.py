@@ -73,16 +73,20 @@ def _library() -> ctypes.CDLL:
     return handle
 
 
+class _Matrix(ctypes.Structure):  # decode.c's `matrix`: bfloat16 (fmt 0) or GGUF blocks (ggml type id)
+    _fields_ = [("w", ctypes.c_void_p), ("fmt", ctypes.c_int)]
+
+
 class _LayerWeights(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_void_p) for name in ("attn_norm", "q", "k", "v", "q_bias", "k_bias", "v_bias", "o",
-                                                     "mlp_norm", "gate", "up", "down")]
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("bias", ctypes.c_void_p * 3),
+                ("m", _Matrix * 7)]  # q, k, v, o, gate, up, down
 
 
 class _Decoder(ctypes.Structure):  # decode.c's `decoder`
     _fields_ = [*((name, ctypes.c_int64) for name in ("layers", "dim", "heads", "kv_heads", "head_dim", "ffn",
                                                        "vocab", "slots", "max_len")),
-                ("eps", ctypes.c_float), ("kv_float32", ctypes.c_int),
-                *((name, ctypes.c_void_p) for name in ("embed", "norm", "out", "inv_freq", "k_cache", "v_cache")),
+                ("eps", ctypes.c_float), ("kv_float32", ctypes.c_int), ("embed", _Matrix), ("out", _Matrix),
+                *((name, ctypes.c_void_p) for name in ("norm", "inv_freq", "k_cache", "v_cache")),
                 ("layer", ctypes.POINTER(_LayerWeights))]
 
 
@@ -207,11 +211,33 @@ def _twin_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
     return None
 
 
+def _twin_quant_linear(x: torch.Tensor, blocks: torch.Tensor, fmt: str, bias: torch.Tensor | None, *,
+                       widen: bool) -> torch.Tensor | None:
+    """A quantized layer (chipshift.model.quant) for bfloat16 inputs: up to KERNEL_MAX_ROWS rows
+    through the integer kernel (quant.c; a bias is added to the rounded product); beyond, on
+    a CPU that emulates bfloat16 (`widen`), a float32 GEMM on the matrix dequantized for the
+    call; elsewhere None (the layer's own path: dequantized to bfloat16 for the call)."""
+    if x.dtype != torch.bfloat16:
+        return None
+    if _rows(x) <= KERNEL_MAX_ROWS:
+        from chipshift.devices.kernels.quant import quant_linear
+
+        y = quant_linear(x, blocks, fmt)
+        return y if bias is None else (y.float() + bias.float()).to(torch.bfloat16)
+    if not widen:
+        return None
+    from chipshift.model.quant import dequantize
+
+    w = dequantize(blocks, fmt, x.shape[-1])
+    return F.linear(x.float(), w, None if bias is None else bias.float()).to(torch.bfloat16)
+
+
 def for_inference(model: nn.Module, native_half: bool = False) -> nn.Module:
     """A twin of a bfloat16 model for inference, made by the model's `with_kernels`: the same
     parameters and buffers (shared, not copied: weights stay bfloat16 in memory, once),
     whose bfloat16 linears and output projection run through the kernel, q/k/v and gate/up
-    each in one `bf16_linear_many` call, and whose RMSNorms run natively.
+    each in one `bf16_linear_many` call, and whose RMSNorms run natively; quantized layers
+    (chipshift.model.quant) multiply their blocks through quant.c's integer kernel.
 
     On a CPU without bfloat16 arithmetic every input takes the kernels (`linear` widens long
     ones to a float32 GEMM) and attention computes in float32. With `native_half` (a CPU
@@ -223,12 +249,14 @@ def for_inference(model: nn.Module, native_half: bool = False) -> nn.Module:
         rows = NATIVE_KERNEL_MAX_ROWS
         return model.with_kernels(linear=functools.partial(_twin_linear, max_rows=rows),
                                   linear_many=functools.partial(_twin_linear_many, max_rows=rows),
-                                  rms_norm=functools.partial(_twin_rms_norm, max_rows=rows))
+                                  rms_norm=functools.partial(_twin_rms_norm, max_rows=rows),
+                                  quant_linear=functools.partial(_twin_quant_linear, widen=False))
     # attention on float32 copies of q, k, v: torch's bfloat16 attention is emulated too;
     # the KV cache is held in float32 (the same bfloat16 values, exactly) so that each row's
     # history is not widened again at every layer and step (~4 ms of a 60 ms SmolLM2 step
     # at batch 8), at twice the cache memory
     return model.with_kernels(linear=_twin_linear, linear_many=_twin_linear_many, rms_norm=_twin_rms_norm,
+                              quant_linear=functools.partial(_twin_quant_linear, widen=True),
                               attn_impl="sdpa_float32", kv_cache_dtype=torch.float32)
 
 
@@ -247,21 +275,20 @@ class DecodeStep:
             raise Unavailable(reason)
         self._fn = _library().decode_step
         cfg, self.max_rows = model.cfg, min(max_rows, cache.max_batch)
-        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         layers = (_LayerWeights * cfg.num_layers)()
         for L, block in zip(layers, model.layers):
             a, mlp = block.self_attn, block.mlp
-            L.attn_norm, L.mlp_norm = ptr(block.input_layernorm.weight), ptr(block.post_attention_layernorm.weight)
-            L.q, L.k, L.v, L.o = (ptr(m.weight) for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj))
-            L.q_bias, L.k_bias, L.v_bias = (ptr(m.bias) for m in (a.q_proj, a.k_proj, a.v_proj))
-            L.gate, L.up, L.down = (ptr(m.weight) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+            L.attn_norm, L.mlp_norm = _ptr(block.input_layernorm.weight), _ptr(block.post_attention_layernorm.weight)
+            L.bias[:] = [_ptr(m.bias) for m in (a.q_proj, a.k_proj, a.v_proj)]
+            L.m[:] = [_matrix(m) for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj,
+                                           mlp.down_proj)]
         self._inv_freq = model._inv_freq.float().contiguous()
         self._layers = layers
         self._desc = _Decoder(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                               cfg.intermediate_size, cfg.vocab_size, cache.max_batch, cache.max_len,
-                              cfg.rms_norm_eps, cache.k.dtype == torch.float32,
-                              ptr(model.embed_tokens.weight), ptr(model.norm.weight), ptr(model.output_weight),
-                              ptr(self._inv_freq), ptr(cache.k), ptr(cache.v), layers)
+                              cfg.rms_norm_eps, cache.k.dtype == torch.float32, _matrix(model.embed_tokens),
+                              _matrix(model.embed_tokens if model.lm_head is None else model.lm_head), _ptr(model.norm.weight),
+                              _ptr(self._inv_freq), _ptr(cache.k), _ptr(cache.v), layers)
         self.vocab = cfg.vocab_size
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -277,6 +304,18 @@ class DecodeStep:
         return logits
 
 
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _matrix(module: nn.Module) -> _Matrix:
+    """A linear or embedding layer's weight for decode.c: bfloat16, or quantized blocks."""
+    from chipshift.model.quant import FORMATS
+
+    fmt = getattr(module, "fmt", None)
+    return _Matrix(module.weight.data_ptr(), FORMATS[fmt][0] if fmt else 0)
+
+
 def _decode_step_refusal(model: nn.Module, cache) -> str | None:
     """Why `DecodeStep` cannot run this model and cache (None: it can)."""
     from chipshift.model.transformer import RMSNorm, Transformer
@@ -286,12 +325,15 @@ def _decode_step_refusal(model: nn.Module, cache) -> str | None:
     cfg = model.cfg
     if cfg.head_dim % 2 or cfg.head_dim > 1024:
         return f"head_dim {cfg.head_dim} (the native step takes even head dims up to 1024)"
-    tensors = [p for p in model.parameters()]
-    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
-        return "the native decode step takes contiguous bfloat16 weights on the CPU"
+    tensors = [*model.parameters(), *(b for b in model.buffers() if b.dtype == torch.uint8)]
+    if any(t.dtype not in (torch.bfloat16, torch.uint8) or t.device.type != "cpu" or not t.is_contiguous()
+           for t in tensors):
+        return "the native decode step takes contiguous bfloat16 weights (or quantized blocks) on the CPU"
     for m in model.modules():  # LoRA layers and other replacements compute otherwise
         if isinstance(m, nn.Linear) and type(m) is not nn.Linear or isinstance(m, RMSNorm) and type(m) is not RMSNorm:
             return f"a {type(m).__name__} layer, which the native decode step does not compute"
+    if isinstance(model.embed_tokens, nn.Embedding) and type(model.embed_tokens) is not nn.Embedding:
+        return f"a {type(model.embed_tokens).__name__} embedding, which the native decode step does not compute"
     if any(m.bias is not None for b in model.layers for m in (b.self_attn.o_proj, b.mlp.gate_proj, b.mlp.up_proj,
                                                               b.mlp.down_proj)):
         return "a bias on o/gate/up/down, which the model does not have"

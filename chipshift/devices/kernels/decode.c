@@ -1,7 +1,8 @@
 /* One decode step of the chipshift transformer (chipshift/model/transformer.py) with
    bfloat16 weights, for a few rows, in one native call: embedding, every layer, the final
    norm and the output projection, writing this step's keys and values into the engine's
-   KV cache.
+   KV cache. Any weight matrix may instead be GGUF blocks (Q8_0, Q4_0, Q4_1; quant.c),
+   multiplied as they are.
 
    Why: at batch 1 the arithmetic of a SmolLM2-135M step is ~11 ms of streaming weights,
    but the same step as PyTorch operators spends as long again between them (about 20
@@ -25,10 +26,21 @@
 void bf16_linear_many(const uint16_t *x, int count, const uint16_t *const *w, const uint16_t *const *b,
                       uint16_t *const *y, const int64_t *N, int64_t M, int64_t K, int threads);
 void bf16_rms_norm(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, int64_t D, float eps);
+void quant_linear_many(const uint16_t *x, int count, const uint8_t *const *w, const int *fmt,
+                       uint16_t *const *y, const int64_t *N, int64_t M, int64_t K, int threads);
+void quant_rows(const uint8_t *w, int fmt, int64_t K, const int64_t *ids, int64_t n, uint16_t *out);
+
+/* A weight matrix: bfloat16 (fmt 0) or GGUF blocks (fmt: the ggml type id; quant.c). */
+typedef struct {
+    const void *w;
+    int fmt;
+} matrix;
+
+enum { Q, K, V, O, GATE, UP, DOWN };
 
 typedef struct {
-    const uint16_t *attn_norm, *q, *k, *v, *q_bias, *k_bias, *v_bias, *o;
-    const uint16_t *mlp_norm, *gate, *up, *down;
+    const uint16_t *attn_norm, *mlp_norm, *bias[3]; /* q, k, v biases or NULL */
+    matrix m[7];                                    /* by the enum above */
 } layer_weights;
 
 typedef struct {
@@ -36,11 +48,49 @@ typedef struct {
     int64_t slots, max_len; /* the cache: (layers, slots, kv_heads, max_len, head_dim) */
     float eps;
     int kv_float32; /* cache elements: 1 float32, 0 bfloat16 */
-    const uint16_t *embed, *norm, *out;
+    matrix embed, out;
+    const uint16_t *norm;
     const float *inv_freq; /* head_dim / 2 RoPE frequencies, float32 */
     void *k_cache, *v_cache;
     const layer_weights *layer;
 } decoder;
+
+/* y_i = x @ W_i.T (+ b_i) for `count` matrices sharing x: one call for those in bfloat16, one
+   for those quantized (whose biases are added to the rounded product, then rounded again). */
+static void project(const uint16_t *x, int count, const matrix *m, const uint16_t *const *b, uint16_t *const *y,
+                    const int64_t *N, int64_t M, int64_t Kdim, int threads) {
+    const void *w[8][2];
+    const uint16_t *bb[8];
+    uint16_t *yy[8][2];
+    int64_t nn[8][2];
+    int fm[8], n[2] = {0, 0};
+    for (int i = 0; i < count; i++) {
+        const int qd = m[i].fmt != 0, j = n[qd]++;
+        w[j][qd] = m[i].w, yy[j][qd] = y[i], nn[j][qd] = N[i];
+        if (qd) fm[j] = m[i].fmt;
+        else bb[j] = b ? b[i] : NULL;
+    }
+    if (n[0]) {
+        const uint16_t *ws[8];
+        uint16_t *ys[8];
+        int64_t ns[8];
+        for (int j = 0; j < n[0]; j++) ws[j] = w[j][0], ys[j] = yy[j][0], ns[j] = nn[j][0];
+        bf16_linear_many(x, n[0], ws, b ? bb : NULL, ys, ns, M, Kdim, threads);
+    }
+    if (n[1]) {
+        const uint8_t *ws[8];
+        uint16_t *ys[8];
+        int64_t ns[8];
+        for (int j = 0; j < n[1]; j++) ws[j] = w[j][1], ys[j] = yy[j][1], ns[j] = nn[j][1];
+        quant_linear_many(x, n[1], ws, fm, ys, ns, M, Kdim, threads);
+        if (b)
+            for (int i = 0; i < count; i++)
+                if (m[i].fmt && b[i])
+                    for (int64_t r = 0; r < M; r++)
+                        for (int64_t c = 0; c < N[i]; c++)
+                            y[i][r * N[i] + c] = round1(widen1(y[i][r * N[i] + c]) + widen1(b[i][c]));
+    }
+}
 
 static inline float bmul(float a, float b) { return widen1(round1(a * b)); } /* a bfloat16 product */
 
@@ -149,20 +199,20 @@ int decode_step(const decoder *m, int64_t rows, const int64_t *tokens, const int
     uint16_t *att = v + rows * KD, *g = att + rows * QD, *u = g + rows * F, *lg = u + rows * F;
     float *cs = malloc(sizeof(float) * (size_t)(rows * hd * 2)), *sn = cs + rows * hd;
     for (int64_t r = 0; r < rows; r++) {
-        memcpy(x + r * D, m->embed + tokens[r] * D, sizeof(uint16_t) * (size_t)D);
+        if (!m->embed.fmt) memcpy(x + r * D, (const uint16_t *)m->embed.w + tokens[r] * D, sizeof(uint16_t) * (size_t)D);
         for (int64_t i = 0; i < hd / 2; i++) { /* positions * inv_freq in float32, cos/sin to bfloat16 */
             const float f = (float)positions[r] * m->inv_freq[i];
             cs[r * hd + i] = cs[r * hd + i + hd / 2] = widen1(round1(cosf(f)));
             sn[r * hd + i] = sn[r * hd + i + hd / 2] = widen1(round1(sinf(f)));
         }
     }
+    if (m->embed.fmt) quant_rows(m->embed.w, m->embed.fmt, D, tokens, rows, x);
     for (int64_t l = 0; l < m->layers; l++) {
         const layer_weights *L = m->layer + l;
         bf16_rms_norm(x, L->attn_norm, h, rows, D, m->eps);
-        const uint16_t *w3[3] = {L->q, L->k, L->v}, *b3[3] = {L->q_bias, L->k_bias, L->v_bias};
         uint16_t *y3[3] = {q, k, v};
         const int64_t n3[3] = {QD, KD, KD};
-        bf16_linear_many(h, 3, w3, L->q_bias ? b3 : NULL, y3, n3, rows, D, threads);
+        project(h, 3, L->m + Q, L->bias[0] ? L->bias : NULL, y3, n3, rows, D, threads);
         for (int64_t r = 0; r < rows; r++) {
             rope(q + r * QD, m->heads, hd, cs + r * hd, sn + r * hd);
             rope(k + r * KD, m->kv_heads, hd, cs + r * hd, sn + r * hd);
@@ -173,29 +223,25 @@ int decode_step(const decoder *m, int64_t rows, const int64_t *tokens, const int
         for (int64_t t = 0; t < tasks; t++)
             attend(m, l, t / m->kv_heads, t % m->kv_heads, positions[t / m->kv_heads], q + (t / m->kv_heads) * QD,
                    att + (t / m->kv_heads) * QD);
-        const uint16_t *wo[1] = {L->o};
         uint16_t *yo[1] = {o};
         const int64_t nd[1] = {D};
-        bf16_linear_many(att, 1, wo, NULL, yo, nd, rows, QD, threads);
+        project(att, 1, L->m + O, NULL, yo, nd, rows, QD, threads);
         add_into(x, o, rows * D);
         bf16_rms_norm(x, L->mlp_norm, h, rows, D, m->eps);
-        const uint16_t *w2[2] = {L->gate, L->up};
         uint16_t *y2[2] = {g, u};
         const int64_t n2[2] = {F, F};
-        bf16_linear_many(h, 2, w2, NULL, y2, n2, rows, D, threads);
+        project(h, 2, L->m + GATE, NULL, y2, n2, rows, D, threads);
         for (int64_t i = 0; i < rows * F; i++) { /* silu(gate) rounded, times up rounded */
             const float a = widen1(g[i]);
             g[i] = round1(widen1(round1(a / (1.0f + expf(-a)))) * widen1(u[i]));
         }
-        const uint16_t *wd[1] = {L->down};
-        bf16_linear_many(g, 1, wd, NULL, yo, nd, rows, F, threads);
+        project(g, 1, L->m + DOWN, NULL, yo, nd, rows, F, threads);
         add_into(x, o, rows * D);
     }
     bf16_rms_norm(x, m->norm, h, rows, D, m->eps);
-    const uint16_t *wl[1] = {m->out};
     uint16_t *yl[1] = {lg};
     const int64_t nv[1] = {m->vocab};
-    bf16_linear_many(h, 1, wl, NULL, yl, nv, rows, D, threads);
+    project(h, 1, &m->out, NULL, yl, nv, rows, D, threads);
     for (int64_t i = 0; i < rows * m->vocab; i++) logits[i] = widen1(lg[i]);
     free(cs);
     free(x);

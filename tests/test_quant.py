@@ -1,0 +1,82 @@
+"""Weight-only quantized layers (chipshift/model/quant.py): GGUF blocks kept as they are."""
+
+import numpy as np
+import pytest
+import torch
+
+from chipshift.errors import ChipshiftError, CheckpointError
+from chipshift.model import quant
+from chipshift.model.checkpoint import load_checkpoint, save_checkpoint
+from chipshift.model.config import preset
+from chipshift.model.transformer import build_model
+
+
+
+@pytest.mark.parametrize("fmt", list(quant.FORMATS))
+def test_quantize_and_dequantize_are_llama_cpps(fmt):
+    """Byte for byte the gguf package's quantizer (llama.cpp's reference), and its dequantizer."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    w = torch.randn(12, 96, generator=torch.Generator().manual_seed(0)) * 0.1
+    w[3, :32] = 0  # an all-zero block: scale 0
+    blocks = quant.quantize(w, fmt)
+    want = quantize(w.numpy(), GGMLQuantizationType[fmt])
+    assert np.array_equal(blocks.numpy(), want)
+    assert torch.equal(quant.dequantize(blocks, fmt, 96),
+                       torch.from_numpy(dequantize(want, GGMLQuantizationType[fmt]).astype(np.float32)))
+
+
+def test_an_unservable_format_is_refused_naming_the_served_ones(tmp_path):
+    with pytest.raises(CheckpointError, match="'Q5_K' cannot be served; chipshift serves Q8_0, Q4_0, Q4_1"):
+        quant.check_format("Q5_K")
+    model = build_model(preset("tiny"), dtype=torch.float32, seed=0)
+    quant.quantize_model(model, "Q8_0")
+    ckpt = save_checkpoint(model, tmp_path / "q")
+    from chipshift.model.checkpoint import update_sidecar, read_sidecar
+
+    formats = read_sidecar(ckpt)["quantized"]
+    update_sidecar(ckpt, quantized={**formats, "layers.0.mlp.up_proj.weight": "Q5_K"})
+    with pytest.raises(CheckpointError, match="'Q5_K' cannot be served; chipshift serves Q8_0, Q4_0, Q4_1"):
+        load_checkpoint(ckpt, verify=False)
+
+
+@pytest.mark.parametrize("fmt", list(quant.FORMATS))
+def test_a_quantized_model_saves_loads_and_computes_its_dequantized_weights(tmp_path, fmt):
+    """Blocks survive a checkpoint byte for byte; the plain path equals a float model holding
+    the dequantized weights; the memory held is that of the blocks."""
+    model = build_model(preset("tiny"), dtype=torch.float32, seed=0)
+    formats = quant.quantize_model(model, fmt)
+    assert formats["embed_tokens.weight"] == "Q8_0" and formats["layers.0.mlp.up_proj.weight"] == fmt
+    loaded, side = load_checkpoint(save_checkpoint(model, tmp_path / "q"))
+    assert side["quantized"] == formats and side["dtype"] == "float32"
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    float_model = build_model(preset("tiny"), dtype=torch.float32, seed=0)
+    sd = {k: quant.dequantize(v, formats[k], float_model.get_parameter(k).shape[1]) if k in formats else v
+          for k, v in loaded.state_dict().items()}
+    float_model.load_state_dict(sd, strict=False)
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), float_model(ids))
+    held = sum(b.numel() for b in loaded.buffers() if b.dtype == torch.uint8)
+    assert held < 0.3 * sum(p.numel() * 4 for p in float_model.parameters())
+
+
+def test_keep_quantized_gguf_import_serves_the_same_weights(tmp_path):
+    """SmolLM2's Q4_1 GGUF imported with --keep-quantized: its blocks as they are (Q4_1
+    layers, a Q8_0 embedding), logits bitwise those of the dequantizing import in float32."""
+    from chipshift.data.packages import smollm2_gguf
+    from chipshift.model.cli import import_model
+
+    q = import_model(smollm2_gguf(), tmp_path / "q", keep_quantized=True)
+    f = import_model(smollm2_gguf(), tmp_path / "f")
+    mq, side = load_checkpoint(q, dtype=torch.float32)
+    assert side["quantized"]["embed_tokens.weight"] == "Q8_0"
+    assert set(side["quantized"].values()) == {"Q8_0", "Q4_1"} and len(side["quantized"]) == 1 + 7 * 30
+    assert (q / "model.safetensors").stat().st_size < 0.2 * (f / "model.safetensors").stat().st_size
+    mf, _ = load_checkpoint(f)
+    ids = torch.tensor([[1, 504, 3458, 314, 260]])
+    with torch.no_grad():
+        assert torch.equal(mq(ids), mf(ids))
+    with pytest.raises(ChipshiftError, match="--keep-quantized applies to .gguf files"):
+        import_model(tmp_path / "f", tmp_path / "x", keep_quantized=True)
