@@ -7,7 +7,8 @@ the weights at about half the kernel's rate (`for_inference`; the precision poli
 C compiled on first use with the system's C compiler into a per-user cache, loaded through
 ctypes after torch (so it shares torch's OpenMP runtime), and absent, with the reason kept,
 when there is no compiler or the CPU lacks the instructions: callers then keep PyTorch's
-own path.
+own path. The same library holds weight-only linears on GGUF quantized blocks (quant.c; their
+Python side is quant.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from chipshift.devices import cpu_flags
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / "bf16_linear.c", HERE / "decode.c", HERE / "quant.c"]  # one library; each includes bf16.h
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 
 
 def cache_dir() -> Path:
@@ -44,8 +45,8 @@ class Unavailable(RuntimeError):
 
 @functools.cache
 def _library() -> ctypes.CDLL:
-    if not {"avx2", "fma"} <= cpu_flags():
-        raise Unavailable("the CPU lacks AVX2/FMA")
+    if not {"avx2", "fma", "f16c"} <= cpu_flags():  # f16c: the fp16 scales of quant.c's blocks
+        raise Unavailable("the CPU lacks AVX2/FMA/F16C")
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise Unavailable("no C compiler (cc/gcc) on PATH")
