@@ -150,6 +150,16 @@ def test_unknown_format_names_the_served_ones():
             call()
 
 
+@needs_kernel
+def test_empty_inputs():
+    """No rows: empty outputs; K = 0: zeros."""
+    wq = quant.quantize(torch.zeros(5, 64), "Q4_1")
+    assert quant.quant_linear(torch.zeros(0, 64, dtype=torch.bfloat16), wq, "Q4_1").shape == (0, 5)
+    empty = torch.zeros(5, 0, dtype=torch.uint8)
+    assert torch.equal(quant.quant_linear(torch.zeros(2, 0, dtype=torch.bfloat16), empty, "Q8_0"),
+                       torch.zeros(2, 5, dtype=torch.bfloat16))
+
+
 def test_shapes_are_checked():
     wq = quant.quantize(torch.zeros(4, 64), "Q4_1")
     with pytest.raises(ValueError, match="uint8"):

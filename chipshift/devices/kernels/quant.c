@@ -14,7 +14,12 @@
    Unlike llama.cpp, blocks go two to a vector: the x blocks are laid out so that the 16
    nibble bytes of two weight blocks side by side need one AND for the first halves and a
    shift and an AND for the second, and the fp16 scales of four blocks are converted at
-   once. On AVX2 this is bound by the vector ports, not by memory (about 3 cycles a block).
+   once. On AVX2 this is bound by the vector ports, not by memory: ~1.2-1.35 ns a block on
+   one core of a 2.3 GHz Xeon (Emerald Rapids), ~15 GB/s of Q4_1 weights, where the bfloat16
+   kernel streams ~2x the bytes per cycle; at batch 1 a 49152 x 576 Q4_1 matrix takes ~0.6-0.7
+   ms on 2 cores against ~1.3-1.6 ms for the bf16 kernel (2.2x; the weights are 3.2x fewer
+   bytes). AVX-VNNI (one vpdpbusd for maddubs + madd) measured 8% faster at batch 1, 15% at 4:
+   not used, as the AVX2-only CPUs this serves lack it.
 
    So the result is x's 8-bit approximation times the exact weights: rounding moves each x
    by at most half a step, (its block's largest |x|) / 254, and an output by at most
@@ -248,7 +253,7 @@ static void rows_q4_1(const uint8_t *w, const qx *x, uint16_t *y, int64_t N, int
    (2 = Q4_0, 3 = Q4_1, 8 = Q8_0). K must be a multiple of 32. */
 void quant_linear_many(const uint16_t *x, int count, const uint8_t *const *w, const int *fmt,
                        uint16_t *const *y, const int64_t *N, int64_t M, int64_t K, int threads) {
-    if (count < 1 || count > 8 || M < 1 || K < QK || K % QK) return;
+    if (count < 1 || count > 8 || M < 1 || K < 0 || K % QK) return;
     const int64_t nb = K / QK, np = (nb + 1) / 2;
     int8_t *q = malloc((size_t)(M * np * 64));
     float *f = malloc(sizeof(float) * (size_t)(M * np * 4));

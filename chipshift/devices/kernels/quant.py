@@ -143,7 +143,7 @@ def quant_linear_many(x: torch.Tensor, weights: list[torch.Tensor], fmts: list[s
     if x.dtype != torch.bfloat16:
         raise ValueError(f"x is bfloat16; got {x.dtype}")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
+    x2 = x.reshape(lead.numel(), K)
     if bf16_linear_status() is not None:
         return [F.linear(x2.float(), dequantize(w, fmt, K)).to(torch.bfloat16).view(*lead, w.shape[0])
                 for w, fmt in zip(weights, fmts)]
@@ -168,7 +168,7 @@ def quant_linear(x: torch.Tensor, w: torch.Tensor, fmt: str) -> torch.Tensor:
 def quant_rows(w: torch.Tensor, fmt: str, ids: torch.Tensor) -> torch.Tensor:
     """Rows `ids` (any shape) of a quantized matrix (an embedding) as bfloat16 (*ids.shape, K)."""
     _check(fmt)
-    K = w.shape[1] // BLOCK_BYTES[fmt] * BLOCK
+    K = w.shape[-1] // BLOCK_BYTES[fmt] * BLOCK  # checked by _blocks
     blocks = _blocks(w, fmt, K)
     flat = ids.reshape(-1).to(torch.int64).contiguous()
     if flat.numel() and not (0 <= int(flat.min()) and int(flat.max()) < w.shape[0]):
