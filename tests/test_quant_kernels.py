@@ -10,11 +10,13 @@ from gguf import GGMLQuantizationType, quants
 from chipshift.devices import kernels
 from chipshift.devices.kernels import quant
 from chipshift.devices.policy import KERNELS_ENV
+from chipshift.errors import CheckpointError
+from chipshift.model import quant as mq
 
 missing = kernels.bf16_linear_status()
 needs_kernel = pytest.mark.skipif(missing is not None, reason=f"CPU kernels unavailable: {missing}")
 
-FORMATS = list(quant.FORMATS)
+FORMATS = list(mq.FORMATS)
 
 
 def weights(n, k, seed):
@@ -38,10 +40,10 @@ def test_quantize_and_dequantize_match_gguf(fmt):
     w = weights(40, 576, seed=1)
     qtype = GGMLQuantizationType[fmt]
     expected = quants.quantize(w.numpy(), qtype)
-    got = quant.quantize(w, fmt)
-    assert got.dtype == torch.uint8 and got.shape == (40, 576 // 32 * quant.BLOCK_BYTES[fmt])
+    got = mq.quantize(w, fmt)
+    assert got.dtype == torch.uint8 and got.shape == (40, 576 // 32 * mq.block_bytes(fmt))
     assert np.array_equal(got.numpy(), expected)  # byte for byte
-    assert np.array_equal(quant.dequantize(got, fmt, 576).numpy(), quants.dequantize(expected, qtype))
+    assert np.array_equal(mq.dequantize(got, fmt, 576).numpy(), quants.dequantize(expected, qtype))
 
 
 def reference_8bit(x, w, fmt):
@@ -53,7 +55,7 @@ def reference_8bit(x, w, fmt):
     d = xb.abs().amax(-1, keepdim=True) / 127
     q = (xb * torch.where(d == 0, torch.zeros_like(d), 1 / d)).round()
     xq = (d.double() * q.double()).reshape(M, K)
-    wd = quant.dequantize(w, fmt, K).double()
+    wd = mq.dequantize(w, fmt, K).double()
     terms = wd.abs()
     if fmt == "Q4_1":
         blocks = w.view(w.shape[0], K // 32, 20)
@@ -71,7 +73,7 @@ def test_kernel_against_dequantized_weights(fmt, rows, k):
     g = torch.Generator().manual_seed(rows * 100 + k)
     x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
     x[0, :32] = 0  # an all-zero block of x (d = 0)
-    wq = quant.quantize(weights(n, k, seed=k), fmt)
+    wq = mq.quantize(weights(n, k, seed=k), fmt)
     got = quant.quant_linear(x, wq, fmt)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
     got = got.double()
@@ -86,10 +88,10 @@ def test_kernel_against_dequantized_weights(fmt, rows, k):
     # at most half a step, d / 2 = (its block's largest |x|) / 254, about 0.4% of that
     # largest |x|; so the output moves by at most sum_k |w_k| * d_k / 2. Plus the bfloat16
     # rounding of the output and float32 sums (1e-5 of sum |w x|).
-    exact = F.linear(x.double(), quant.dequantize(wq, fmt, k).double())
+    exact = F.linear(x.double(), mq.dequantize(wq, fmt, k).double())
     xb = x.double().reshape(rows, k // 32, 32)
     half_step = (xb.abs().amax(-1, keepdim=True) / 254).expand_as(xb).reshape(rows, k)
-    wd = quant.dequantize(wq, fmt, k).double().abs()
+    wd = mq.dequantize(wq, fmt, k).double().abs()
     bound = 1.001 * half_step @ wd.T + exact.abs() * 2 ** -8 + 1e-5 * (x.double().abs() @ wd.T)
     assert ((got - exact).abs() <= bound).all()
     # Coarser, the same in words: within 1% of the output's scale, the row's largest |x|
@@ -104,7 +106,7 @@ def test_many_matrices_of_mixed_formats_equal_separate_calls():
     g = torch.Generator().manual_seed(7)
     mats = [("Q4_1", 64), ("Q8_0", 13), ("Q4_0", 200), ("Q4_1", 1), ("Q8_0", 96), ("Q4_0", 8), ("Q4_1", 33),
             ("Q8_0", 40)]
-    ws = [quant.quantize(weights(n, k, seed=i), fmt) for i, (fmt, n) in enumerate(mats)]
+    ws = [mq.quantize(weights(n, k, seed=i), fmt) for i, (fmt, n) in enumerate(mats)]
     fmts = [fmt for fmt, _ in mats]
     for rows in (1, 3, 6):
         x = torch.randn(2, rows, k, generator=g).to(torch.bfloat16)  # leading dims kept
@@ -117,11 +119,11 @@ def test_many_matrices_of_mixed_formats_equal_separate_calls():
 @needs_kernel
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_rows_dequantized(fmt):
-    wq = quant.quantize(weights(50, 96, seed=3), fmt)
+    wq = mq.quantize(weights(50, 96, seed=3), fmt)
     ids = torch.tensor([[3, 0, 49], [3, 17, 2]])
     got = quant.quant_rows(wq, fmt, ids)
     assert got.dtype == torch.bfloat16 and got.shape == (2, 3, 96)
-    assert torch.equal(got, quant.dequantize(wq, fmt, 96)[ids].to(torch.bfloat16))
+    assert torch.equal(got, mq.dequantize(wq, fmt, 96)[ids].to(torch.bfloat16))
     with pytest.raises(IndexError):
         quant.quant_rows(wq, fmt, torch.tensor([50]))
 
@@ -131,29 +133,29 @@ def test_plain_path_where_the_kernels_are_off(fmt, monkeypatch):
     """Without the kernel library: a float32 linear on the dequantized weights, and rows by
     `dequantize`."""
     monkeypatch.setenv(KERNELS_ENV, "off")
-    wq = quant.quantize(weights(20, 64, seed=5), fmt)
+    wq = mq.quantize(weights(20, 64, seed=5), fmt)
     x = torch.randn(3, 64).to(torch.bfloat16)
-    want = F.linear(x.float(), quant.dequantize(wq, fmt, 64)).to(torch.bfloat16)
+    want = F.linear(x.float(), mq.dequantize(wq, fmt, 64)).to(torch.bfloat16)
     assert torch.equal(quant.quant_linear(x, wq, fmt), want)
     ids = torch.tensor([4, 19, 4])
-    assert torch.equal(quant.quant_rows(wq, fmt, ids), quant.dequantize(wq, fmt, 64)[ids].to(torch.bfloat16))
+    assert torch.equal(quant.quant_rows(wq, fmt, ids), mq.dequantize(wq, fmt, 64)[ids].to(torch.bfloat16))
 
 
 def test_unknown_format_names_the_served_ones():
     w = torch.zeros(4, 64)
-    wq = quant.quantize(w, "Q8_0")
+    wq = mq.quantize(w, "Q8_0")
     x = torch.zeros(1, 64, dtype=torch.bfloat16)
-    calls = [lambda: quant.quantize(w, "Q5_K"), lambda: quant.dequantize(wq, "Q5_K", 64),
+    calls = [lambda: mq.quantize(w, "Q5_K"), lambda: mq.dequantize(wq, "Q5_K", 64),
              lambda: quant.quant_linear(x, wq, "Q5_K"), lambda: quant.quant_rows(wq, "Q5_K", torch.tensor([0]))]
     for call in calls:
-        with pytest.raises(ValueError, match="'Q5_K'.*Q8_0, Q4_0, Q4_1"):
+        with pytest.raises(CheckpointError, match="'Q5_K'.*Q8_0, Q4_0, Q4_1"):
             call()
 
 
 @needs_kernel
 def test_empty_inputs():
     """No rows: empty outputs; K = 0: zeros."""
-    wq = quant.quantize(torch.zeros(5, 64), "Q4_1")
+    wq = mq.quantize(torch.zeros(5, 64), "Q4_1")
     assert quant.quant_linear(torch.zeros(0, 64, dtype=torch.bfloat16), wq, "Q4_1").shape == (0, 5)
     empty = torch.zeros(5, 0, dtype=torch.uint8)
     assert torch.equal(quant.quant_linear(torch.zeros(2, 0, dtype=torch.bfloat16), empty, "Q8_0"),
@@ -161,8 +163,8 @@ def test_empty_inputs():
 
 
 def test_shapes_are_checked():
-    wq = quant.quantize(torch.zeros(4, 64), "Q4_1")
+    wq = mq.quantize(torch.zeros(4, 64), "Q4_1")
     with pytest.raises(ValueError, match="uint8"):
         quant.quant_linear(torch.zeros(1, 96, dtype=torch.bfloat16), wq, "Q4_1")  # K does not match
     with pytest.raises(ValueError, match="multiple"):
-        quant.quantize(torch.zeros(4, 40), "Q4_1")
+        mq.quantize(torch.zeros(4, 40), "Q4_1")

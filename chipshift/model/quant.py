@@ -43,54 +43,86 @@ def block_bytes(fmt: str) -> int:
     return FORMATS[check_format(fmt)][1]
 
 
-def _f16(b: torch.Tensor) -> torch.Tensor:
-    """Little-endian float16 from the last dimension's two bytes, as float32 (..., 1)."""
+def _check_matrix(w: torch.Tensor, fmt: str, K: int) -> None:
+    """w must be a `fmt` matrix with rows of K weights: uint8 (N, K / 32 * bytes)."""
+    check_format(fmt)
+    if K % BLOCK:
+        raise ValueError(f"K = {K} is not a multiple of the block size {BLOCK}")
+    width = K // BLOCK * block_bytes(fmt)
+    if w.dtype != torch.uint8 or w.dim() != 2 or w.shape[1] != width:
+        raise ValueError(f"a {fmt} matrix with K = {K} is uint8 (N, {width}); got {w.dtype} {tuple(w.shape)}")
+
+
+def _blocks(w: torch.Tensor, fmt: str, K: int) -> torch.Tensor:
+    """w (N, K / 32 * bytes) uint8 as (N, K / 32, bytes), after checking its shape."""
+    _check_matrix(w, fmt, K)
+    return w.contiguous().view(w.shape[0], K // BLOCK, block_bytes(fmt))
+
+
+def _fp16(b: torch.Tensor) -> torch.Tensor:
+    """(..., 2) uint8 slice of the blocks -> (..., 1) float32"""
     return b.contiguous().view(torch.float16).float()
 
 
-def dequantize(blocks: torch.Tensor, fmt: str, K: int) -> torch.Tensor:
-    """float32 (N, K) from a quantized matrix's blocks (N, K / 32 * block bytes)."""
-    nb = K // BLOCK
-    b = blocks.reshape(blocks.shape[0], nb, block_bytes(fmt))
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """(..., 16) bytes -> (..., 32) values 0..15: the low halves are elements 0..15"""
+    return torch.cat([qs & 15, qs >> 4], dim=-1)
+
+
+def dequantize(w: torch.Tensor, fmt: str, K: int) -> torch.Tensor:
+    """A quantized matrix (N, K / 32 * bytes) as float32 (N, K), as ggml dequantizes it."""
+    blocks = _blocks(w, fmt, K)
+    d = _fp16(blocks[..., 0:2])
     if fmt == "Q8_0":
-        w = _f16(b[..., :2]) * b[..., 2:].contiguous().view(torch.int8).float()
+        values = d * blocks[..., 2:].view(torch.int8).float()
+    elif fmt == "Q4_0":
+        values = d * (_nibbles(blocks[..., 2:]).float() - 8)
     else:
-        qs = b[..., 4:] if fmt == "Q4_1" else b[..., 2:]
-        q = torch.cat((qs & 0xF, qs >> 4), dim=-1).float()
-        w = _f16(b[..., :2]) * q + _f16(b[..., 2:4]) if fmt == "Q4_1" else _f16(b[..., :2]) * (q - 8)
-    return w.reshape(blocks.shape[0], K)
+        values = d * _nibbles(blocks[..., 4:]).float() + _fp16(blocks[..., 2:4])
+    return values.reshape(w.shape[0], K)
 
 
-def _round_away(v: torch.Tensor) -> torch.Tensor:  # C's roundf: halves away from zero
-    return torch.sign(v) * torch.floor(v.abs() + 0.5)
+def _round_away(v: torch.Tensor) -> torch.Tensor:
+    """C's roundf (halves away from zero), computed as gguf's np_roundf does"""
+    a = v.abs()
+    floored = a.floor()
+    return v.sign() * (floored + (2 * (a - floored)).floor())
+
+
+def _as_bytes(v: torch.Tensor) -> torch.Tensor:
+    """float32 (..., 1) -> its fp16 as (..., 2) bytes"""
+    return v.to(torch.float16).view(torch.uint8)
+
+
+def _reciprocal(d: torch.Tensor) -> torch.Tensor:
+    return torch.where(d == 0, torch.zeros_like(d), 1 / d)
 
 
 def quantize(w: torch.Tensor, fmt: str) -> torch.Tensor:
-    """The blocks (uint8, (N, K / 32 * block bytes)) of float weights (N, K), as llama.cpp's
-    reference quantizers make them (float32 arithmetic, scales stored as float16)."""
+    """A float matrix (N, K) in a block format: uint8 (N, K / 32 * bytes), the bytes of
+    ggml's reference quantizers (quantize_row_q8_0_ref and friends), computed in float32."""
+    check_format(fmt)
     N, K = w.shape
     if K % BLOCK:
-        raise CheckpointError(f"cannot quantize a matrix of {K} columns: not a multiple of {BLOCK}")
-    check_format(fmt)
-    x = w.float().reshape(N, K // BLOCK, BLOCK)
+        raise ValueError(f"K = {K} is not a multiple of the block size {BLOCK}")
+    blocks = w.detach().to("cpu", torch.float32).reshape(N, K // BLOCK, BLOCK)
     if fmt == "Q8_0":
-        d = x.abs().amax(-1, keepdim=True) / 127
-        q = _round_away(x * torch.where(d == 0, 0, 1 / d)).to(torch.int8).view(torch.uint8)
-        head = [d]
-    elif fmt == "Q4_0":
-        idx = x.abs().argmax(-1, keepdim=True)  # the first of the largest magnitude, with its sign
-        d = x.gather(-1, idx) / -8
-        q = torch.clamp((x * torch.where(d == 0, 0, 1 / d) + 8.5).trunc(), max=15).to(torch.uint8)
-        head = [d]
+        d = blocks.abs().amax(-1, keepdim=True) / 127
+        q = _round_away(blocks * _reciprocal(d)).to(torch.int8).view(torch.uint8)
+        parts = [_as_bytes(d), q]
     else:
-        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
-        d = (hi - lo) / 15
-        q = torch.clamp(((x - lo) * torch.where(d == 0, 0, 1 / d) + 0.5).trunc(), max=15).to(torch.uint8)
-        head = [d, lo]
-    if fmt != "Q8_0":
-        q = q[..., :16] | (q[..., 16:] << 4)
-    parts = [h.to(torch.float16).view(torch.uint8) for h in head] + [q]
-    return torch.cat(parts, dim=-1).reshape(N, -1).contiguous()
+        if fmt == "Q4_0":  # the value of largest magnitude maps to -8
+            d = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True)) / -8
+            q = (blocks * _reciprocal(d) + 8.5).trunc()
+            head = [_as_bytes(d)]
+        else:
+            lo, hi = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+            d = (hi - lo) / 15
+            q = ((blocks - lo) * _reciprocal(d) + 0.5).trunc()
+            head = [_as_bytes(d), _as_bytes(lo)]
+        q = q.clamp(0, 15).to(torch.uint8)
+        parts = [*head, q[..., :BLOCK // 2] | (q[..., BLOCK // 2:] << 4)]
+    return torch.cat(parts, dim=-1).reshape(N, K // BLOCK * block_bytes(fmt))
 
 
 def _matmul(module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

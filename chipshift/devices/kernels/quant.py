@@ -1,20 +1,10 @@
-"""Weight-only quantized linears on the CPU: weights held in GGUF block formats, bfloat16
-activations in and out.
-
-A block is 32 consecutive weights of a row (little-endian, as ggml lays them out):
-
-    Q8_0  fp16 d, 32 int8 q                          34 bytes   w = d * q
-    Q4_0  fp16 d, 16 bytes of nibbles                18 bytes   w = d * (q - 8)
-    Q4_1  fp16 d, fp16 m, 16 bytes of nibbles        20 bytes   w = d * q + m
-
-where byte j of the nibbles holds element j in its low half and element j + 16 in its
-high half. A matrix (N, K) is N rows of K / 32 blocks, a uint8 tensor (N, K / 32 * bytes).
+"""Weight-only quantized linears on the CPU: weights held in GGUF block formats (see
+chipshift.model.quant for the layouts, `quantize` and `dequantize`), bfloat16 activations
+in and out.
 
 `quant_linear_many` runs quant.c (llama.cpp's method: x quantized to 8 bits per call,
 integer dot products per block; see there for its error) where the kernel library builds,
 and otherwise the plain path: the weights dequantized by `dequantize` and a float32 linear.
-`quantize` writes the exact bytes of ggml's reference quantizers (the tests hold it to the
-`gguf` package).
 """
 
 from __future__ import annotations
@@ -26,97 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from chipshift.devices.kernels import MAX_MANY, _library, bf16_linear_status
-
-FORMATS = {"Q8_0": 8, "Q4_0": 2, "Q4_1": 3}  # name -> ggml type id
-BLOCK = 32  # weights per block
-BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
-
-
-def _check(fmt: str) -> None:
-    if fmt not in FORMATS:
-        raise ValueError(f"quantization format {fmt!r} is not served (served: {', '.join(FORMATS)})")
-
-
-def _check_matrix(w: torch.Tensor, fmt: str, K: int) -> None:
-    """w must be a `fmt` matrix with rows of K weights: uint8 (N, K / 32 * bytes)."""
-    _check(fmt)
-    if K % BLOCK:
-        raise ValueError(f"K = {K} is not a multiple of the block size {BLOCK}")
-    width = K // BLOCK * BLOCK_BYTES[fmt]
-    if w.dtype != torch.uint8 or w.dim() != 2 or w.shape[1] != width:
-        raise ValueError(f"a {fmt} matrix with K = {K} is uint8 (N, {width}); got {w.dtype} {tuple(w.shape)}")
-
-
-def _blocks(w: torch.Tensor, fmt: str, K: int) -> torch.Tensor:
-    """w (N, K / 32 * bytes) uint8 as (N, K / 32, bytes), after checking its shape."""
-    _check_matrix(w, fmt, K)
-    return w.contiguous().view(w.shape[0], K // BLOCK, BLOCK_BYTES[fmt])
-
-
-def _fp16(b: torch.Tensor) -> torch.Tensor:
-    """(..., 2) uint8 slice of the blocks -> (..., 1) float32"""
-    return b.contiguous().view(torch.float16).float()
-
-
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """(..., 16) bytes -> (..., 32) values 0..15: the low halves are elements 0..15"""
-    return torch.cat([qs & 15, qs >> 4], dim=-1)
-
-
-def dequantize(w: torch.Tensor, fmt: str, K: int) -> torch.Tensor:
-    """A quantized matrix (N, K / 32 * bytes) as float32 (N, K), as ggml dequantizes it."""
-    blocks = _blocks(w, fmt, K)
-    d = _fp16(blocks[..., 0:2])
-    if fmt == "Q8_0":
-        values = d * blocks[..., 2:].view(torch.int8).float()
-    elif fmt == "Q4_0":
-        values = d * (_nibbles(blocks[..., 2:]).float() - 8)
-    else:
-        values = d * _nibbles(blocks[..., 4:]).float() + _fp16(blocks[..., 2:4])
-    return values.reshape(w.shape[0], K)
-
-
-def _round_away(v: torch.Tensor) -> torch.Tensor:
-    """C's roundf (halves away from zero), computed as gguf's np_roundf does"""
-    a = v.abs()
-    floored = a.floor()
-    return v.sign() * (floored + (2 * (a - floored)).floor())
-
-
-def _as_bytes(v: torch.Tensor) -> torch.Tensor:
-    """float32 (..., 1) -> its fp16 as (..., 2) bytes"""
-    return v.to(torch.float16).view(torch.uint8)
-
-
-def _reciprocal(d: torch.Tensor) -> torch.Tensor:
-    return torch.where(d == 0, torch.zeros_like(d), 1 / d)
-
-
-def quantize(w: torch.Tensor, fmt: str) -> torch.Tensor:
-    """A float matrix (N, K) in a block format: uint8 (N, K / 32 * bytes), the bytes of
-    ggml's reference quantizers (quantize_row_q8_0_ref and friends), computed in float32."""
-    _check(fmt)
-    N, K = w.shape
-    if K % BLOCK:
-        raise ValueError(f"K = {K} is not a multiple of the block size {BLOCK}")
-    blocks = w.detach().to("cpu", torch.float32).reshape(N, K // BLOCK, BLOCK)
-    if fmt == "Q8_0":
-        d = blocks.abs().amax(-1, keepdim=True) / 127
-        q = _round_away(blocks * _reciprocal(d)).to(torch.int8).view(torch.uint8)
-        parts = [_as_bytes(d), q]
-    else:
-        if fmt == "Q4_0":  # the value of largest magnitude maps to -8
-            d = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True)) / -8
-            q = (blocks * _reciprocal(d) + 8.5).trunc()
-            head = [_as_bytes(d)]
-        else:
-            lo, hi = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
-            d = (hi - lo) / 15
-            q = ((blocks - lo) * _reciprocal(d) + 0.5).trunc()
-            head = [_as_bytes(d), _as_bytes(lo)]
-        q = q.clamp(0, 15).to(torch.uint8)
-        parts = [*head, q[..., :BLOCK // 2] | (q[..., BLOCK // 2:] << 4)]
-    return torch.cat(parts, dim=-1).reshape(N, K // BLOCK * BLOCK_BYTES[fmt])
+from chipshift.model.quant import BLOCK, FORMATS, _blocks, _check_matrix, block_bytes, dequantize
 
 
 @functools.cache
@@ -154,7 +54,7 @@ def quant_linear_many(x: torch.Tensor, weights: list[torch.Tensor], fmts: list[s
     if M:
         arr = ctypes.c_void_p * count
         _kernels().quant_linear_many(
-            x2.data_ptr(), count, arr(*(w.data_ptr() for w in ws)), (ctypes.c_int * count)(*(FORMATS[f] for f in fmts)),
+            x2.data_ptr(), count, arr(*(w.data_ptr() for w in ws)), (ctypes.c_int * count)(*(FORMATS[f][0] for f in fmts)),
             arr(*(y.data_ptr() for y in ys)), (ctypes.c_int64 * count)(*(w.shape[0] for w in ws)), M, K,
             torch.get_num_threads())
     return ys if len(lead) == 1 else [y.view(*lead, y.shape[1]) for y in ys]
@@ -167,8 +67,7 @@ def quant_linear(x: torch.Tensor, w: torch.Tensor, fmt: str) -> torch.Tensor:
 
 def quant_rows(w: torch.Tensor, fmt: str, ids: torch.Tensor) -> torch.Tensor:
     """Rows `ids` (any shape) of a quantized matrix (an embedding) as bfloat16 (*ids.shape, K)."""
-    _check(fmt)
-    K = w.shape[-1] // BLOCK_BYTES[fmt] * BLOCK  # checked by _blocks
+    K = w.shape[-1] // block_bytes(fmt) * BLOCK  # checked by _blocks
     blocks = _blocks(w, fmt, K)
     flat = ids.reshape(-1).to(torch.int64).contiguous()
     if flat.numel() and not (0 <= int(flat.min()) and int(flat.max()) < w.shape[0]):
@@ -178,5 +77,5 @@ def quant_rows(w: torch.Tensor, fmt: str, ids: torch.Tensor) -> torch.Tensor:
     else:
         out = torch.empty(flat.numel(), K, dtype=torch.bfloat16)
         if flat.numel():
-            _kernels().quant_rows(blocks.data_ptr(), FORMATS[fmt], K, flat.data_ptr(), flat.numel(), out.data_ptr())
+            _kernels().quant_rows(blocks.data_ptr(), FORMATS[fmt][0], K, flat.data_ptr(), flat.numel(), out.data_ptr())
     return out.view(*ids.shape, K)
