@@ -195,6 +195,11 @@ ALWAYS_INLINE void group_dot(const uint8_t *w, const int8_t *q, const float *f, 
     }
 }
 
+/* Bytes ahead of the weight stream to prefetch: the rows follow in memory. In a batch-1
+   SmolLM2 Q4_1 step, 4 KiB ahead took the layers from 8.7-9.4 to 5.8-6.9 ms (2-core Xeon,
+   AVX512-BF16 without AMX; weights read from memory, not a hot cache). */
+#define PREFETCH 4096
+
 /* One weight row (nb blocks at w) against R (1..4) rows of x from `row`, four blocks at a
    time; out[r]: the float32 sums. With one row, two accumulators, so that the FMA latency
    does not bound the loop. */
@@ -207,7 +212,12 @@ ALWAYS_INLINE void row_dot(const uint8_t *w, const qx *x, int64_t row, float *ou
     __m256 acc[2][4], accm[4];
     for (int r = 0; r < R; r++) acc[0][r] = acc[1][r] = accm[r] = _mm256_setzero_ps();
     int64_t b = 0;
-    for (; b + 4 <= nb; b += 4) group_dot(w, q, f, c, b, qs, fs, acc, accm, R, U, 4, fmt);
+    const int BB = fmt == Q8_0 ? 34 : fmt == Q4_0 ? 18 : 20;
+    for (; b + 4 <= nb; b += 4) { /* ask for the stream PREFETCH bytes ahead (see bf16_linear.c's PREFETCH) */
+        _mm_prefetch((const char *)(w + b * BB + PREFETCH), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + b * BB + PREFETCH + 64), _MM_HINT_T0);
+        group_dot(w, q, f, c, b, qs, fs, acc, accm, R, U, 4, fmt);
+    }
     if (nb - b >= 2) group_dot(w, q, f, c, b, qs, fs, acc, accm, R, U, 2, fmt), b += 2;
     if (nb - b == 1) group_dot(w, q, f, c, b, qs, fs, acc, accm, R, U, 1, fmt);
     for (int r = 0; r < R; r++) {
