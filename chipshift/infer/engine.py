@@ -29,6 +29,7 @@ from chipshift.devices import Device, dtype_name, get_device
 from chipshift.errors import ChipshiftError
 from chipshift.infer.cache import KVCache
 from chipshift.infer.sampling import SamplingParams, apply_repetition_penalty, sample
+from chipshift.model.quant import quantized_modules
 from chipshift.model.transformer import Transformer
 
 # Tokens per slot when not set: the model's context, capped so that the preallocated cache
@@ -153,7 +154,9 @@ class Engine:
         return engine
 
     def describe(self) -> str:
-        return (f"{self.cfg.num_params() / 1e6:.1f}M params on {self.device} in {dtype_name(self.dtype)}, "
+        quantized = sorted(set(quantized_modules(self.model).values()))
+        return (f"{self.cfg.num_params() / 1e6:.1f}M params on {self.device} in {dtype_name(self.dtype)}"
+                + (f" with {'/'.join(quantized)} weights (quantized blocks)" if quantized else "") + ", "
                 f"{self.max_batch} slots x {self.max_len} tokens "
                 f"(KV cache {self.cache.nbytes / 2**20:.1f} MiB in {dtype_name(self.cache.k.dtype)})"
                 f"{', decode compiled' if self.compiled else ''}"
