@@ -1,7 +1,9 @@
 """Training-step throughput: chipshift's loop vs `transformers.LlamaForCausalLM`.
 
 A step is forward, backward, gradient clipping, AdamW and zero_grad at batch 8 x 256,
-for the shapes S and M (chipshift presets) in float32 and bfloat16. Each measurement
+for the shapes S and M (chipshift presets) in float32 and bfloat16, or `auto`: chipshift's
+default (the precision policy's dtype on this machine; float16 on AVX512-FP16 CPUs without
+AMX), HF given the same dtype with the mixed precision its Trainer uses for it. Each measurement
 runs in its own fresh process, alternating chipshift / HF / chipshift / HF over rounds
 (two models in one process distort each other); the parent prints the medians, the ratio,
 MFU against a matmul ceiling it measures itself (also in a fresh process), and the peak
@@ -22,6 +24,7 @@ What each side runs:
 
     python bench/train_vs_hf.py                       # S and M, bf16 and fp32
     python bench/train_vs_hf.py --shapes S --dtypes fp32 --rounds 3 --steps 3
+    python bench/train_vs_hf.py --dtypes auto             # the defaults, both shapes
 """
 
 from __future__ import annotations
@@ -100,7 +103,11 @@ def worker_hf(shape: str, dtype: str, steps: int, warmup: int, device: str) -> d
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=LR, betas=BETAS, fused=dev.fused_adamw or None)
+    if dtype == "auto":  # the dtype chipshift's policy picks here, with the mixed precision HF's Trainer uses
+        dtype = str(dev.precision.compute_dtype().value).removeprefix("torch.")
     half = parse_dtype(dtype) != torch.float32
+    # float16: a loss scaler, as the HF Trainer runs fp16=True (and chipshift does)
+    scaler = torch.amp.GradScaler(dev.type) if parse_dtype(dtype) == torch.float16 else None
     state = {"i": 0}
 
     def step():
@@ -111,9 +118,15 @@ def worker_hf(shape: str, dtype: str, steps: int, warmup: int, device: str) -> d
         with ctx:
             # HF shifts labels inside the loss: pass the window, predict tokens 1..T
             out = model(input_ids=rows[:, :-1], labels=rows[:, :-1])
-        out.loss.backward()
+        (scaler.scale(out.loss) if scaler else out.loss).backward()
+        if scaler:
+            scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        opt.step()
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         opt.zero_grad(set_to_none=True)
         float(out.loss)
     return _time(step, steps, warmup, dev, base, {"threads": torch.get_num_threads()})
@@ -187,15 +200,21 @@ def main() -> None:
     machine = machine_facts()  # figures hold for one CPU class: the JSON names it
     print(f"machine: {machine['cpu']} ({machine['cpu_class']}), {machine['cores']} cores, torch {machine['torch']}")
     dtypes = a.dtypes.split(",")
+    resolved = {d: d for d in dtypes}
+    if "auto" in dtypes:  # chipshift's default: what the precision policy picks on this machine
+        from chipshift.devices import get_device
+
+        resolved["auto"] = str(get_device(a.device).precision.compute_dtype().value).removeprefix("torch.")
+        print(f"auto = {resolved['auto']} here (the precision policy's compute dtype)")
     ceilings = {d: run_worker(["--worker", "ceiling", "--dtype", d, "--device", a.device])["flops"]
-                for d in sorted(set(dtypes) | {"fp32"})}
+                for d in sorted(set(resolved.values()) | {"fp32"})}
     print("matmul ceiling (GFLOP/s): " + ", ".join(f"{d} {f / 1e9:.0f}" for d, f in ceilings.items()), flush=True)
     results = []
     for shape in a.shapes.split(","):
         fpt = flops_per_token(preset(shape), SEQ)
         for dtype in dtypes:
             # a bf16-valued GEMM can run no faster than the best of the native bf16 and fp32 kernels
-            ceiling = max(ceilings[dtype], ceilings["fp32"])
+            ceiling = max(ceilings[resolved[dtype]], ceilings["fp32"])
             runs = {"ours": [], "hf": []}
             for r in range(a.rounds):
                 for side in ("ours", "hf"):
@@ -207,7 +226,7 @@ def main() -> None:
                           f"peak {res['peak_mem_bytes'] / 2**20:7.0f} MiB", flush=True)
             med = {s: statistics.median(x["tokens_per_s"] for x in runs[s]) for s in runs}
             mem = {s: max(x["peak_mem_bytes"] for x in runs[s]) for s in runs}
-            row = {"shape": shape, "dtype": dtype, "ours_tokens_per_s": med["ours"], "hf_tokens_per_s": med["hf"],
+            row = {"shape": shape, "dtype": dtype, "resolved_dtype": resolved[dtype], "ours_tokens_per_s": med["ours"], "hf_tokens_per_s": med["hf"],
                    "ratio": med["ours"] / med["hf"], "ours_mfu": med["ours"] * fpt / ceiling,
                    "hf_mfu": med["hf"] * fpt / ceiling, "ceiling_gflops": ceiling / 1e9,
                    "ours_peak_mib": mem["ours"] / 2**20, "hf_peak_mib": mem["hf"] / 2**20,

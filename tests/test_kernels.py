@@ -4,12 +4,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chipshift.devices import get_device, kernels
+from chipshift.devices import cpu_flags, get_device, kernels
 from chipshift.model.config import preset
 from chipshift.model.transformer import build_model
 
 missing = kernels.bf16_linear_status()
 pytestmark = pytest.mark.skipif(missing is not None, reason=f"bf16 kernel unavailable: {missing}")
+
+
+HAS_AVX512_BF16 = missing is None and "avx512_bf16" in cpu_flags()
+
+
+@pytest.fixture(params=["avx2", "avx512_bf16"])
+def isa(request):
+    """Linears of 7+ rows take AVX512-BF16 dot products where the CPU has them, else AVX2
+    column tiles: both paths, on a CPU that has both."""
+    if request.param == "avx512_bf16" and not HAS_AVX512_BF16:
+        pytest.skip("the CPU lacks AVX512-BF16")
+    before = kernels.avx512_bf16()
+    kernels.avx512_bf16(request.param == "avx512_bf16")
+    yield request.param
+    kernels.avx512_bf16(before)
 
 
 def reference(x, w, b=None):
@@ -20,7 +35,7 @@ def reference(x, w, b=None):
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 16])
 @pytest.mark.parametrize("n,k", [(64, 32), (37, 29), (130, 203), (512, 768)])
-def test_matches_bf16_arithmetic(rows, n, k):
+def test_matches_bf16_arithmetic(rows, n, k, isa):
     g = torch.Generator().manual_seed(rows * 1000 + n)
     x, w, b = (torch.randn(*s, generator=g).to(torch.bfloat16) for s in ((rows, k), (n, k), (n,)))
     for bias in (None, b):
@@ -35,7 +50,7 @@ def test_matches_bf16_arithmetic(rows, n, k):
 
 @pytest.mark.parametrize("rows", [2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 15, 16, 17, 33])
 @pytest.mark.parametrize("n,k", [(13, 8), (25, 29), (7, 300), (49, 136), (30, 1536)])
-def test_every_row_count_and_ragged_shapes(rows, n, k):
+def test_every_row_count_and_ragged_shapes(rows, n, k, isa):
     """Every path: 2..4 rows (dot products), 5..8 and 9..16 rows (column tiles with 8 or
     16 lanes), several chunks of 16 rows; N not a multiple of the tile widths (6, 4), K not
     a multiple of 16 or of the 128-k blocking, or shorter than 16."""
@@ -48,7 +63,7 @@ def test_every_row_count_and_ragged_shapes(rows, n, k):
 
 
 @pytest.mark.parametrize("rows", [2, 4, 8, 16])
-def test_rounding_ties_and_special_values_with_several_rows(rows):
+def test_rounding_ties_and_special_values_with_several_rows(rows, isa):
     """The rounding of each path (the column tiles round 8 outputs at once): exact sums that
     fall halfway between two bfloat16 values go to the even one, infinities and NaN survive."""
     k, n = 16, 4

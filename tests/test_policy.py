@@ -114,8 +114,8 @@ def test_the_probe_decides_at_one_line(monkeypatch, half, full, native):
 @pytest.mark.parametrize("kernels_off", [False, True])
 def test_float16_native_bfloat16_emulated(monkeypatch, kernels_off):
     """A CPU with AVX512-FP16 and AVX512-BF16 but no AMX (measured: float16 matmul 303 GFLOP/s,
-    bfloat16 155, float32 243): training computes in float16; serving holds bfloat16 weights
-    where chipshift's kernels decode them, else float16 too."""
+    bfloat16 155, float32 243): training computes in float32 (on a CPU auto never picks
+    float16); serving holds bfloat16 weights where chipshift's kernels decode them."""
     if not kernels_off and not KERNEL_BUILDS:
         pytest.skip(f"the bf16 kernel does not build here: {kernels.bf16_linear_status()}")
     dev = policy(monkeypatch, kernels_off=kernels_off)
@@ -123,12 +123,13 @@ def test_float16_native_bfloat16_emulated(monkeypatch, kernels_off):
     monkeypatch.setattr(dev, "peak_flops", lambda dtype: (figures[dtype], "fake"))
     p = dev.precision
     assert not p.half_native(torch.bfloat16).value and p.half_native(torch.float16).value
-    assert p.compute_dtype().value == torch.float16
+    assert p.compute_dtype().value == torch.float32
+    assert p.compute_dtype("float16").value == torch.float16  # the user's choice stands
     serving = p.serving_dtype()
-    assert serving.value == (torch.float16 if kernels_off else torch.bfloat16)
+    assert serving.value == (torch.float32 if kernels_off else torch.bfloat16)
     assert ("native kernels" in serving.reason) is not kernels_off
     assert p.serving_dtype("float16").value == torch.float16  # the user's choice stands
-    assert p.serving_dtype(compiled=True).value == torch.float16  # compiled: torch's kernels
+    assert p.serving_dtype(compiled=True).value == torch.float32  # compiled: torch's kernels
 
 
 def test_a_bad_pin_names_the_variable_and_the_allowed_values(monkeypatch):

@@ -22,9 +22,10 @@ fact, probed with a timed matmul, drives the decisions below:
                             runs, up to 8 rows step in one native call
     KV-cache dtype          the weights'       float32 under the twin         (follows the twin)
 
-A CPU may have native float16 but emulate bfloat16 (AVX512-FP16 without AMX): it trains in
-float16 (with loss scaling) and serves bfloat16 weights through the twin and decode step,
-which stream half float32's bytes without torch's per-operator overhead.
+On a CPU the auto compute dtype is bfloat16 or float32, never float16: a CPU with float16
+arithmetic but emulated bfloat16 (AVX512-FP16 without AMX) trains in float32 and serves
+bfloat16 weights through the twin and decode step, which stream half float32's bytes
+without torch's per-operator overhead.
 
 The probes behind the table (is half native; does the kernel build; does it beat torch's
 one-row GEMV) can be pinned from outside, for tests and for users:
@@ -160,10 +161,13 @@ class PrecisionPolicy:
                 raise DeviceError(f"dtype {dtype_name(dtype)} does not work on {dev} "
                                   f"(working: {', '.join(dev.working_dtypes())})")
             return Decision(dtype, f"{dtype_name(dtype)} (set by the user)")
-        for dtype in HALF:
+        # On a CPU only bfloat16: float16 training needs loss scaling, and where a CPU has
+        # float16 arithmetic but not bfloat16's (AVX512-FP16 without AMX) its float16 GEMM
+        # measured anywhere from 0.66x to 1.25x float32 from one probe to the next.
+        for dtype in (torch.bfloat16,) if dev.is_cpu else HALF:
             if dev.dtype_works(dtype) and (native := self.half_native(dtype)).value:
-                return Decision(dtype, f"{dtype_name(dtype)} (the first of bfloat16, float16 that is native here; "
-                                       f"{native.reason})")
+                return Decision(dtype, f"{dtype_name(dtype)} (the first of {', '.join(map(dtype_name, HALF))} "
+                                       f"that is native here; {native.reason})")
         if dev.is_cpu:
             return Decision(torch.float32, f"float32 (this CPU emulates half precision: "
                                            f"{self.half_native(torch.bfloat16).reason})")
@@ -279,6 +283,9 @@ class PrecisionPolicy:
 
 
 def _is_quantized(model: torch.nn.Module) -> bool:
-    from chipshift.model.quant import QuantEmbedding, QuantLinear
+    """Whether a model holds quantized blocks (chipshift.model.quant's layers: a format name
+    and a uint8 weight; the device layer sits below the model's and knows them so)."""
+    from chipshift.devices.kernels.quant import FORMATS
 
-    return any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
+    return any(getattr(m, "fmt", None) in FORMATS and getattr(m, "weight", None) is not None
+               and m.weight.dtype == torch.uint8 for m in model.modules())

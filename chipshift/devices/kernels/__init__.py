@@ -71,6 +71,8 @@ def _library() -> ctypes.CDLL:
     handle.decode_step.restype = ctypes.c_int
     for fn in (handle.bf16_linear, handle.bf16_linear_many, handle.bf16_rms_norm):
         fn.restype = None
+    handle.bf16_set_avx512.argtypes, handle.bf16_set_avx512.restype = [ctypes.c_int], None
+    handle.bf16_set_avx512(1)  # where the CPU has AVX512-BF16, 7+ rows use it
     return handle
 
 
@@ -117,6 +119,15 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None)
     fn(x2.data_ptr(), w.contiguous().data_ptr(), None if b is None else b.contiguous().data_ptr(),
        y.data_ptr(), x2.shape[0], N, K, torch.get_num_threads())
     return y.view(*x.shape[:-1], N)
+
+
+def avx512_bf16(on: bool | None = None) -> bool:
+    """Whether linears of 7 rows or more use the CPU's AVX512-BF16 dot products (where it has
+    them) instead of the AVX2 path; `on` switches it (tests compare both on one machine)."""
+    lib = _library()
+    if on is not None:
+        lib.bf16_set_avx512(int(on))
+    return bool(ctypes.c_int.in_dll(lib, "use_avx512_bf16").value)
 
 
 def bf16_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -227,7 +238,7 @@ def _twin_quant_linear(x: torch.Tensor, blocks: torch.Tensor, fmt: str, bias: to
         return y if bias is None else (y.float() + bias.float()).to(torch.bfloat16)
     if not widen:
         return None
-    from chipshift.model.quant import dequantize
+    from chipshift.devices.kernels.quant import dequantize
 
     w = dequantize(blocks, fmt, x.shape[-1])
     return F.linear(x.float(), w, None if bias is None else bias.float()).to(torch.bfloat16)
@@ -311,7 +322,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def _matrix(module: nn.Module) -> _Matrix:
     """A linear or embedding layer's weight for decode.c: bfloat16, or quantized blocks."""
-    from chipshift.model.quant import FORMATS
+    from chipshift.devices.kernels.quant import FORMATS
 
     fmt = getattr(module, "fmt", None)
     return _Matrix(module.weight.data_ptr(), FORMATS[fmt][0] if fmt else 0)
@@ -319,9 +330,8 @@ def _matrix(module: nn.Module) -> _Matrix:
 
 def _decode_step_refusal(model: nn.Module, cache) -> str | None:
     """Why `DecodeStep` cannot run this model and cache (None: it can)."""
-    from chipshift.model.transformer import RMSNorm, Transformer
-
-    if not isinstance(model, Transformer):
+    # the device layer sits below the model's: it knows the model by its attributes
+    if not all(hasattr(model, a) for a in ("cfg", "layers", "embed_tokens", "norm", "lm_head", "_inv_freq")):
         return f"not a chipshift Transformer ({type(model).__name__})"
     cfg = model.cfg
     if cfg.head_dim % 2 or cfg.head_dim > 1024:
@@ -331,7 +341,7 @@ def _decode_step_refusal(model: nn.Module, cache) -> str | None:
            for t in tensors):
         return "the native decode step takes contiguous bfloat16 weights (or quantized blocks) on the CPU"
     for m in model.modules():  # LoRA layers and other replacements compute otherwise
-        if isinstance(m, nn.Linear) and type(m) is not nn.Linear or isinstance(m, RMSNorm) and type(m) is not RMSNorm:
+        if isinstance(m, nn.Linear) and type(m) is not nn.Linear:
             return f"a {type(m).__name__} layer, which the native decode step does not compute"
     if isinstance(model.embed_tokens, nn.Embedding) and type(model.embed_tokens) is not nn.Embedding:
         return f"a {type(model.embed_tokens).__name__} embedding, which the native decode step does not compute"

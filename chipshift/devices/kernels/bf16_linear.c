@@ -207,14 +207,72 @@ ALWAYS_INLINE void fill_chunk(chunk *c, const float *xf, int64_t K, const int la
                     c->xt[(kb + slot(k)) * lanes + r * G + g] = xf[(c->row + r) * K + kb + k + g];
 }
 
+/* Seven rows or more on a CPU with AVX512-BF16 (which the library is not compiled for: these
+   functions alone are, and run only where the CPU has it, `use_avx512_bf16`). VDPBF16PS
+   multiplies 16 pairs of bfloat16 exactly and adds them into float32 lanes: a native
+   bfloat16 GEMM's numbers (exact products, float32 sums; it flushes subnormals to zero),
+   32 multiply-adds an instruction against 8 for the widening FMA path above, which at 8
+   rows is bound by arithmetic. Each weight row is one sequential stream, 32 k at a time,
+   multiplied into up to 8 rows of x held in L1; the rows' sums reduced at the end. */
+#define AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+int use_avx512_bf16 = -1; /* -1: as the CPU says (set on first call); 0/1: set by bf16_set_avx512 */
+
+void bf16_set_avx512(int on) { use_avx512_bf16 = on && __builtin_cpu_supports("avx512bf16"); }
+
+AVX512_BF16 static inline void dp_rows(const problem *p, const uint16_t *x, int64_t n, int count, int64_t m0,
+                                       const int R) {
+    const int64_t K = p->K, k_end = K / 32 * 32;
+    const __mmask32 tail = (__mmask32)((1ull << (K - k_end)) - 1);
+    for (int j = 0; j < count; j++) {
+        const uint16_t *w = p->w + (n + j) * K;
+        __m512 acc[8];
+        for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+        int64_t k = 0;
+        for (; k < k_end; k += 32) {
+            _mm_prefetch((const char *)(w + k + PREFETCH), _MM_HINT_T0);
+            const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k);
+            for (int r = 0; r < R; r++)
+                acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(x + (m0 + r) * K + k), wv);
+        }
+        if (tail) {
+            const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(tail, w + k);
+            for (int r = 0; r < R; r++)
+                acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_maskz_loadu_epi16(tail, x + (m0 + r) * K + k), wv);
+        }
+        for (int r = 0; r < R; r++) {
+            float s = _mm512_reduce_add_ps(acc[r]);
+            if (p->b) s += widen1(p->b[n + j]);
+            p->y[(m0 + r) * p->N + n + j] = round1(s);
+        }
+    }
+}
+
+AVX512_BF16 static void dp_block(const problem *p, const uint16_t *x, int64_t n, int count) {
+    for (int64_t m0 = 0; m0 < p->M; m0 += 8) {
+        switch (p->M - m0 < 8 ? p->M - m0 : 8) {
+        case 1: dp_rows(p, x, n, count, m0, 1); break;
+        case 2: dp_rows(p, x, n, count, m0, 2); break;
+        case 3: dp_rows(p, x, n, count, m0, 3); break;
+        case 4: dp_rows(p, x, n, count, m0, 4); break;
+        case 5: dp_rows(p, x, n, count, m0, 5); break;
+        case 6: dp_rows(p, x, n, count, m0, 6); break;
+        case 7: dp_rows(p, x, n, count, m0, 7); break;
+        default: dp_rows(p, x, n, count, m0, 8); break;
+        }
+    }
+}
+
 /* y_i = x @ w_i.T (+ b_i) for `count` matrices sharing x and K (q/k/v, gate/up): one pass
    over the union of their weight rows, one thread team. */
 void bf16_linear_many(const uint16_t *x, int count, const uint16_t *const *w, const uint16_t *const *b,
                       uint16_t *const *y, const int64_t *N, int64_t M, int64_t K, int threads) {
+    if (use_avx512_bf16 < 0) bf16_set_avx512(1);
+    const int dp = M > 6 && use_avx512_bf16;
     float *xf = malloc(sizeof(float) * (size_t)(M * K));
     for (int64_t i = 0; i < M * K; i++) xf[i] = widen1(x[i]);
     /* rows of x in chunks of 16, each transposed (see `chunk`) */
-    int nchunks = M > 6 ? (int)((M + 15) / 16) : 0;
+    int nchunks = M > 6 && !dp ? (int)((M + 15) / 16) : 0;
     chunk *chunks = malloc(sizeof(chunk) * (size_t)(nchunks + 1));
     float *xt = nchunks ? malloc(sizeof(float) * (size_t)(16 * K * nchunks)) : NULL;
     for (int i = 0; i < nchunks; i++) {
@@ -246,6 +304,8 @@ void bf16_linear_many(const uint16_t *x, int count, const uint16_t *const *w, co
         int rows = (int)(N[i] - n < block ? N[i] - n : block);
         if (M <= 6)
             dot_block(&p, n, rows);
+        else if (dp)
+            dp_block(&p, x, n, rows);
         else
             col_block(&p, chunks, nchunks, n, rows);
     }

@@ -117,6 +117,27 @@ static inline __m256 load8(const void *row, int64_t i, int f32) {
     return f32 ? _mm256_loadu_ps((const float *)row + i) : widen8((const uint16_t *)row + i);
 }
 
+/* exp of 8 lanes (arguments <= 0 here: scores minus their maximum), as Cephes' expf:
+   x = n ln2 + r, a degree-5 polynomial for e^r, times 2^n; within ~2 ulp of expf, which
+   is far below the bfloat16 rounding of attention's output. Softmax of a long history
+   spent most of its time in scalar expf. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f)); /* below: 0 after the 2^n scaling anyway */
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
 /* Attention of one row's query heads of kv head g (heads g*G .. g*G+G-1) over the
    row's positions 0..pos of the cache. */
 static void attend(const decoder *m, int64_t l, int64_t r, int64_t g, int64_t pos, const uint16_t *q,
@@ -148,8 +169,16 @@ static void attend(const decoder *m, int64_t l, int64_t r, int64_t g, int64_t po
     for (int64_t j = 0; j < G; j++) {
         float *p = sc + j * n, mx = -INFINITY, sum = 0.0f;
         for (int64_t s = 0; s < n; s++) mx = p[s] > mx ? p[s] : mx;
-        for (int64_t s = 0; s < n; s++) sum += (p[s] = expf(p[s] - mx));
-        for (int64_t s = 0; s < n; s++) p[s] /= sum;
+        int64_t s = 0;
+        __m256 vsum = _mm256_setzero_ps();
+        for (; s + 8 <= n; s += 8) {
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + s), _mm256_set1_ps(mx)));
+            _mm256_storeu_ps(p + s, e);
+            vsum = _mm256_add_ps(vsum, e);
+        }
+        sum = hsum(vsum);
+        for (; s < n; s++) sum += (p[s] = expf(p[s] - mx));
+        for (s = 0; s < n; s++) p[s] /= sum;
     }
     for (int64_t s = 0; s < n; s++) {
         const void *vrow = vc + s * hd * esz;
@@ -231,6 +260,7 @@ int decode_step(const decoder *m, int64_t rows, const int64_t *tokens, const int
         uint16_t *y2[2] = {g, u};
         const int64_t n2[2] = {F, F};
         project(h, 2, L->m + GATE, NULL, y2, n2, rows, D, threads);
+#pragma omp parallel for schedule(static) num_threads(rows * F >= 4096 ? threads : 1)
         for (int64_t i = 0; i < rows * F; i++) { /* silu(gate) rounded, times up rounded */
             const float a = widen1(g[i]);
             g[i] = round1(widen1(round1(a / (1.0f + expf(-a)))) * widen1(u[i]));
