@@ -63,23 +63,33 @@ def test_a_quantized_model_saves_loads_and_computes_its_dequantized_weights(tmp_
 
 
 def test_keep_quantized_gguf_import_serves_the_same_weights(tmp_path):
-    """SmolLM2's Q4_1 GGUF imported with --keep-quantized: its blocks as they are (Q4_1
-    layers, a Q8_0 embedding), logits bitwise those of the dequantizing import in float32."""
+    """SmolLM2's Q4_1 GGUF read with keep_quantized: its blocks as they are (Q4_1 layers, a
+    Q8_0 embedding; q/k rows unpermuted whole), logits bitwise those of the dequantizing
+    import in float32. (In memory: the command's checkpoint writing is the same as above.)"""
+    from gguf import GGUFReader
+
     from chipshift.data.packages import smollm2_gguf
     from chipshift.model.cli import import_model
+    from chipshift.model.gguf import config_from_gguf, read_gguf_tensors
 
-    q = import_model(smollm2_gguf(), tmp_path / "q", keep_quantized=True)
-    f = import_model(smollm2_gguf(), tmp_path / "f")
-    mq, side = load_checkpoint(q, dtype=torch.float32)
-    assert side["quantized"]["embed_tokens.weight"] == "Q8_0"
-    assert set(side["quantized"].values()) == {"Q8_0", "Q4_1"} and len(side["quantized"]) == 1 + 7 * 30
-    assert (q / "model.safetensors").stat().st_size < 0.2 * (f / "model.safetensors").stat().st_size
-    mf, _ = load_checkpoint(f)
+    reader = GGUFReader(str(smollm2_gguf()))
+    cfg = config_from_gguf(reader)
+    blocks, kept = read_gguf_tensors(reader, cfg, "llama", keep_quantized=True)
+    floats, none = read_gguf_tensors(reader, cfg, "llama")
+    assert none == {} and kept["embed_tokens.weight"] == "Q8_0"
+    assert set(kept.values()) == {"Q8_0", "Q4_1"} and len(kept) == 1 + 7 * cfg.num_layers
+    models = []
+    for sd, formats in ((blocks, kept), (floats, {})):
+        model = build_model(cfg, dtype=torch.float32, seed=None)
+        quant.swap_in(model, formats)
+        model.load_state_dict(sd, strict=False)
+        models.append(model)
+    assert sum(t.numel() for t in blocks.values()) < 0.2 * 4 * sum(t.numel() for t in floats.values())
     ids = torch.tensor([[1, 504, 3458, 314, 260]])
     with torch.no_grad():
-        assert torch.equal(mq(ids), mf(ids))
+        assert torch.equal(models[0](ids), models[1](ids))
     with pytest.raises(ChipshiftError, match="--keep-quantized applies to .gguf files"):
-        import_model(tmp_path / "f", tmp_path / "x", keep_quantized=True)
+        import_model(tmp_path, tmp_path / "x", keep_quantized=True)
 
 
 PROMPTS = [[1, 5, 9, 2, 7], [3, 3, 8], [10, 4, 6, 2, 2, 9, 1], [7]]
