@@ -243,6 +243,35 @@ def test_native_step_is_the_emulating_twin_bitwise(monkeypatch, qkv_bias, length
     assert all(torch.equal(a, b) for a, b in zip(kv, want_kv))
 
 
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_native_prefill_is_the_emulating_twins_bitwise(monkeypatch, qkv_bias):
+    """A prompt through the native step (its rows in one slot, causal) gives the last token's
+    logits and the slot's cache exactly as the twin's prefill does; other slots untouched."""
+    from chipshift.infer.engine import Request
+    from chipshift.infer.sampling import SamplingParams
+
+    engine, _, _ = _engine_after_prefill(monkeypatch, "emulated", qkv_bias, [4, 6])
+    prompt = [3, 17, 5, 99, 42, 7, 1, 8, 23]
+    step, cache = engine.native_step, engine.cache
+    runs = []
+    for native in (True, False):
+        engine.native_step = step if native else None
+        cache.k[:, 2].zero_(), cache.v[:, 2].zero_()
+        with torch.inference_mode():
+            engine._prefill(2, Request(prompt, SamplingParams(max_tokens=4, seed=0)))
+        runs.append((engine.last_token[2].item(), cache.k.clone(), cache.v.clone()))
+        engine.slots[2] = None
+    (tok_a, k_a, v_a), (tok_b, k_b, v_b) = runs
+    assert tok_a == tok_b and torch.equal(k_a, k_b) and torch.equal(v_a, v_b)
+    engine.native_step = step
+    with torch.inference_mode():
+        logits = step.prefill(2, torch.tensor(prompt))
+        ids = torch.tensor([prompt])
+        want = engine.model.logits(engine.model.forward_hidden(
+            ids, cache=engine.cache.prefill(2, len(prompt)))[:, -1]).float()
+    assert torch.equal(logits, want)
+
+
 def test_native_step_beside_native_bfloat16_agrees_up_to_rounding(monkeypatch):
     """On a CPU with bfloat16 arithmetic the model attends in torch's bfloat16 kernel over a
     bfloat16 cache and the native step in float32 over the same cache: logits agree to
@@ -268,7 +297,8 @@ def test_engine_decodes_through_the_model_beyond_the_native_steps_rows(monkeypat
     engine = Engine(model, max_batch=4)
     calls = []
     step = engine.native_step
-    engine.native_step = type("Counted", (), {"max_rows": step.max_rows,
+    engine.native_step = type("Counted", (), {"max_rows": step.max_rows, "max_prefill": step.max_prefill,
+                                              "prefill": lambda self, *a: step.prefill(*a),
                                               "__call__": lambda self, *a: calls.append(len(a[0])) or step(*a)})()
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
     params = SamplingParams(max_tokens=6, ignore_eos=True)

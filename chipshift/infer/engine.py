@@ -298,11 +298,14 @@ class Engine:
         p = req.params
         T = len(req.prompt_ids)
         ids = torch.tensor([req.prompt_ids], dtype=torch.int64, device=self.device)
-        positions = self.span_arange[:T][None]
-        mask = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()[None, None]
-        hidden = self.model.forward_hidden(ids, positions=positions, attn_mask=mask,
-                                           cache=self.cache.prefill(slot, T))
-        logits = self.model.logits(hidden[:, -1]).float()
+        if self.native_step is not None and T <= self.native_step.max_prefill:
+            logits = self.native_step.prefill(slot, ids[0])
+        else:
+            positions = self.span_arange[:T][None]
+            mask = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()[None, None]
+            hidden = self.model.forward_hidden(ids, positions=positions, attn_mask=mask,
+                                               cache=self.cache.prefill(slot, T))
+            logits = self.model.logits(hidden[:, -1]).float()
         self.temperature[slot] = p.temperature
         self.top_k[slot] = p.top_k
         self.top_p[slot] = p.top_p

@@ -67,7 +67,7 @@ def _library() -> ctypes.CDLL:
     handle.bf16_linear.argtypes = [P, P, P, P, I64, I64, I64, ctypes.c_int]
     handle.bf16_linear_many.argtypes = [P, ctypes.c_int, P, P, P, P, I64, I64, ctypes.c_int]
     handle.bf16_rms_norm.argtypes = [P, P, P, I64, I64, ctypes.c_float]
-    handle.decode_step.argtypes = [ctypes.POINTER(_Decoder), I64, P, P, P, ctypes.c_int]
+    handle.decode_step.argtypes = [ctypes.POINTER(_Decoder), I64, P, P, P, I64, P, ctypes.c_int]
     handle.decode_step.restype = ctypes.c_int
     for fn in (handle.bf16_linear, handle.bf16_linear_many, handle.bf16_rms_norm):
         fn.restype = None
@@ -279,14 +279,16 @@ class DecodeStep:
     float32, as the emulating CPU's twin computes it); only summation orders differ. Holds
     pointers to the model's weights and the cache: both must outlive it, unmoved.
 
-    `max_rows`: the most rows a call takes; the engine runs larger batches through the model."""
+    `max_rows`: the most rows a call takes (decode: slots; prefill: prompt tokens); the engine
+    runs larger batches and longer prompts through the model."""
 
     def __init__(self, model: nn.Module, cache, max_rows: int) -> None:
         reason = _decode_step_refusal(model, cache)
         if reason:
             raise Unavailable(reason)
         self._fn = _library().decode_step
-        cfg, self.max_rows = model.cfg, min(max_rows, cache.max_batch)
+        # a decode step takes one row per slot; a prefill its prompt's rows in one slot
+        cfg, self.max_rows, self.max_prefill = model.cfg, min(max_rows, cache.max_batch), min(max_rows, cache.max_len)
         layers = (_LayerWeights * cfg.num_layers)()
         for L, block in zip(layers, model.layers):
             a, mlp = block.self_attn, block.mlp
@@ -304,15 +306,28 @@ class DecodeStep:
         self.vocab = cfg.vocab_size
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tokens, positions: int64 (rows,), row r being cache slot r; logits (rows, vocab)."""
+        """A decode step. tokens, positions: int64 (rows,), row r being cache slot r; logits
+        (rows, vocab)."""
         rows = tokens.shape[0]
         if rows > self.max_rows:
             raise ValueError(f"{rows} rows: this decode step takes at most {self.max_rows}")
+        return self._run(tokens, positions, None, rows)
+
+    def prefill(self, slot: int, ids: torch.Tensor) -> torch.Tensor:
+        """A prompt's tokens (int64 (T,), T <= max_rows) into cache slot `slot` at positions
+        0..T-1, attending causally; the last token's logits (1, vocab)."""
+        T = ids.shape[0]
+        if T > self.max_prefill:
+            raise ValueError(f"{T} tokens: this prefill takes at most {self.max_prefill}")
+        return self._run(ids, torch.arange(T), torch.full((T,), slot, dtype=torch.int64), 1)
+
+    def _run(self, tokens, positions, slots, out_rows: int) -> torch.Tensor:
         tokens, positions = tokens.contiguous(), positions.contiguous()
-        logits = torch.empty(rows, self.vocab, dtype=torch.float32)
-        if self._fn(ctypes.byref(self._desc), rows, tokens.data_ptr(), positions.data_ptr(), logits.data_ptr(),
+        logits = torch.empty(out_rows, self.vocab, dtype=torch.float32)
+        if self._fn(ctypes.byref(self._desc), tokens.shape[0], tokens.data_ptr(), positions.data_ptr(),
+                    None if slots is None else slots.data_ptr(), out_rows, logits.data_ptr(),
                     torch.get_num_threads()) != 0:
-            raise Unavailable("decode_step refused the model's shapes")
+            raise ValueError("decode_step refused its inputs (a slot or position outside the cache)")
         return logits
 
 

@@ -214,9 +214,10 @@ ALWAYS_INLINE void fill_chunk(chunk *c, const float *xf, int64_t K, const int la
    32 multiply-adds an instruction against 8 for the widening FMA path above, which at 8
    rows is bound by arithmetic. Each weight row is one sequential stream, 32 k at a time,
    multiplied into up to 8 rows of x held in L1; the rows' sums reduced at the end. */
-#define AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
-
 int use_avx512_bf16 = -1; /* -1: as the CPU says (set on first call); 0/1: set by bf16_set_avx512 */
+
+#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 10)
+#define AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
 void bf16_set_avx512(int on) { use_avx512_bf16 = on && __builtin_cpu_supports("avx512bf16"); }
 
@@ -262,6 +263,11 @@ AVX512_BF16 static void dp_block(const problem *p, const uint16_t *x, int64_t n,
         }
     }
 }
+
+#else /* a compiler without the AVX512-BF16 intrinsics: the AVX2 path only */
+void bf16_set_avx512(int on) { use_avx512_bf16 = 0 * on; }
+static void dp_block(const problem *p, const uint16_t *x, int64_t n, int count) { (void)p, (void)x, (void)n, (void)count; }
+#endif
 
 /* y_i = x @ w_i.T (+ b_i) for `count` matrices sharing x and K (q/k/v, gate/up): one pass
    over the union of their weight rows, one thread team. */

@@ -138,13 +138,13 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-/* Attention of one row's query heads of kv head g (heads g*G .. g*G+G-1) over the
-   row's positions 0..pos of the cache. */
-static void attend(const decoder *m, int64_t l, int64_t r, int64_t g, int64_t pos, const uint16_t *q,
+/* Attention of one row's query heads of kv head g (heads g*G .. g*G+G-1) over positions
+   0..pos of its cache slot. */
+static void attend(const decoder *m, int64_t l, int64_t slot, int64_t g, int64_t pos, const uint16_t *q,
                    uint16_t *y) {
     const int64_t hd = m->head_dim, G = m->heads / m->kv_heads, n = pos + 1;
     const size_t esz = m->kv_float32 ? 4 : 2;
-    const int64_t base = ((l * m->slots + r) * m->kv_heads + g) * m->max_len * hd;
+    const int64_t base = ((l * m->slots + slot) * m->kv_heads + g) * m->max_len * hd;
     const char *kc = (const char *)m->k_cache + base * esz, *vc = (const char *)m->v_cache + base * esz;
     const float scale = 1.0f / sqrtf((float)hd);
     float *qf = malloc(sizeof(float) * (size_t)(G * hd * 2 + G * n)), *acc = qf + G * hd, *sc = acc + G * hd;
@@ -199,11 +199,11 @@ static void attend(const decoder *m, int64_t l, int64_t r, int64_t g, int64_t po
     free(qf);
 }
 
-/* This step's k and v of a row into the cache at its position. */
-static void store_kv(const decoder *m, int64_t l, int64_t r, int64_t pos, const uint16_t *k, const uint16_t *v) {
+/* This step's k and v of a row into its cache slot at its position. */
+static void store_kv(const decoder *m, int64_t l, int64_t slot, int64_t pos, const uint16_t *k, const uint16_t *v) {
     const int64_t hd = m->head_dim;
     for (int64_t g = 0; g < m->kv_heads; g++) {
-        const int64_t at = (((l * m->slots + r) * m->kv_heads + g) * m->max_len + pos) * hd;
+        const int64_t at = (((l * m->slots + slot) * m->kv_heads + g) * m->max_len + pos) * hd;
         for (int64_t i = 0; i < hd; i++) {
             if (m->kv_float32) {
                 ((float *)m->k_cache)[at + i] = widen1(k[g * hd + i]);
@@ -216,14 +216,21 @@ static void store_kv(const decoder *m, int64_t l, int64_t r, int64_t pos, const 
     }
 }
 
-/* Rows 0..rows-1 are cache slots 0..rows-1; row r's token tokens[r] goes at position
-   positions[r] and attends to positions 0..positions[r]. logits: rows x vocab float32 (the
-   bfloat16 logits, widened). Returns 0, or -1 when a shape is outside what this code takes. */
-int decode_step(const decoder *m, int64_t rows, const int64_t *tokens, const int64_t *positions, float *logits,
-                int threads) {
+/* Row r's token tokens[r] goes at position positions[r] of cache slot slots[r] (slots NULL:
+   slot r) and attends to positions 0..positions[r] of its slot: a decode step is one row per
+   slot, a prefill the prompt's rows in one slot (each row's keys and values are stored
+   before any row attends, so row p sees rows 0..p: causal). logits: the last `out_rows` rows'
+   x vocab float32 (the bfloat16 logits, widened). Returns 0, or -1 when a shape is outside
+   what this code takes. */
+int decode_step(const decoder *m, int64_t rows, const int64_t *tokens, const int64_t *positions,
+                const int64_t *slots, int64_t out_rows, float *logits, int threads) {
     const int64_t D = m->dim, hd = m->head_dim, QD = m->heads * hd, KD = m->kv_heads * hd, F = m->ffn;
-    if (hd > 1024 || hd % 2 || m->heads % m->kv_heads || rows > m->slots) return -1;
-    uint16_t *x = malloc(2 * (size_t)(rows * (3 * D + 2 * QD + 2 * KD + 2 * F + m->vocab)));
+    if (hd > 1024 || hd % 2 || m->heads % m->kv_heads || out_rows < 1 || out_rows > rows) return -1;
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t slot = slots ? slots[r] : r;
+        if (slot < 0 || slot >= m->slots || positions[r] < 0 || positions[r] >= m->max_len) return -1;
+    }
+    uint16_t *x = malloc(2 * (size_t)(rows * (3 * D + 2 * QD + 2 * KD + 2 * F) + out_rows * m->vocab));
     uint16_t *h = x + rows * D, *o = h + rows * D, *q = o + rows * D, *k = q + rows * QD, *v = k + rows * KD;
     uint16_t *att = v + rows * KD, *g = att + rows * QD, *u = g + rows * F, *lg = u + rows * F;
     float *cs = malloc(sizeof(float) * (size_t)(rows * hd * 2)), *sn = cs + rows * hd;
@@ -245,12 +252,13 @@ int decode_step(const decoder *m, int64_t rows, const int64_t *tokens, const int
         for (int64_t r = 0; r < rows; r++) {
             rope(q + r * QD, m->heads, hd, cs + r * hd, sn + r * hd);
             rope(k + r * KD, m->kv_heads, hd, cs + r * hd, sn + r * hd);
-            store_kv(m, l, r, positions[r], k + r * KD, v + r * KD);
+            store_kv(m, l, slots ? slots[r] : r, positions[r], k + r * KD, v + r * KD);
         }
         const int64_t tasks = rows * m->kv_heads;
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t t = 0; t < tasks; t++)
-            attend(m, l, t / m->kv_heads, t % m->kv_heads, positions[t / m->kv_heads], q + (t / m->kv_heads) * QD,
+            attend(m, l, slots ? slots[t / m->kv_heads] : t / m->kv_heads, t % m->kv_heads, positions[t / m->kv_heads],
+                   q + (t / m->kv_heads) * QD,
                    att + (t / m->kv_heads) * QD);
         uint16_t *yo[1] = {o};
         const int64_t nd[1] = {D};
@@ -268,11 +276,12 @@ int decode_step(const decoder *m, int64_t rows, const int64_t *tokens, const int
         project(g, 1, L->m + DOWN, NULL, yo, nd, rows, F, threads);
         add_into(x, o, rows * D);
     }
-    bf16_rms_norm(x, m->norm, h, rows, D, m->eps);
+    const int64_t skip = rows - out_rows; /* rows whose logits nobody asked for */
+    bf16_rms_norm(x + skip * D, m->norm, h, out_rows, D, m->eps);
     uint16_t *yl[1] = {lg};
     const int64_t nv[1] = {m->vocab};
-    project(h, 1, &m->out, NULL, yl, nv, rows, D, threads);
-    for (int64_t i = 0; i < rows * m->vocab; i++) logits[i] = widen1(lg[i]);
+    project(h, 1, &m->out, NULL, yl, nv, out_rows, D, threads);
+    for (int64_t i = 0; i < out_rows * m->vocab; i++) logits[i] = widen1(lg[i]);
     free(cs);
     free(x);
     return 0;
