@@ -153,7 +153,7 @@ class PrecisionPolicy:
     # -- training ----------------------------------------------------------------------------
     def compute_dtype(self, override: str | torch.dtype | None = None) -> Decision:
         """The dtype a run computes in: the user's, else the first of bfloat16, float16 that
-        works and is native here, else float32."""
+        works and is native here (on a CPU bfloat16 only), else float32."""
         dev = self.device
         if override is not None and override != "auto":
             dtype = parse_dtype(override)
@@ -166,8 +166,8 @@ class PrecisionPolicy:
         # measured anywhere from 0.66x to 1.25x float32 from one probe to the next.
         for dtype in (torch.bfloat16,) if dev.is_cpu else HALF:
             if dev.dtype_works(dtype) and (native := self.half_native(dtype)).value:
-                return Decision(dtype, f"{dtype_name(dtype)} (the first of {', '.join(map(dtype_name, HALF))} "
-                                       f"that is native here; {native.reason})")
+                first = "" if dev.is_cpu else f"the first of {', '.join(map(dtype_name, HALF))} that is "
+                return Decision(dtype, f"{dtype_name(dtype)} ({first}native here; {native.reason})")
         if dev.is_cpu:
             return Decision(torch.float32, f"float32 (this CPU emulates half precision: "
                                            f"{self.half_native(torch.bfloat16).reason})")
