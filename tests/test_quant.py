@@ -118,3 +118,27 @@ def test_engine_serves_a_quantized_model_as_the_reference_generates(monkeypatch,
     assert (engine.native_step is not None) is native
     outputs = engine.generate(PROMPTS, SamplingParams(max_tokens=16, stop_ids=()))
     assert_greedy_agrees_up_to_near_ties(model, PROMPTS, outputs, 16, tolerance=0.03)
+
+
+def test_quantize_command_and_serve_with_the_openai_client(tmp_path, tiny_tokenizer_dir, capsys):
+    """`chipshift quantize` writes a checkpoint (blocks, tokenizer, sidecar formats) that
+    `chipshift serve` serves to the official client; a bad format is one line naming them."""
+    import openai
+
+    from chipshift.cli import main
+    from chipshift.model.checkpoint import read_sidecar
+    from infer_helpers import live_server, make_checkpoint
+
+    ckpt = make_checkpoint(tiny_tokenizer_dir, tmp_path / "f")
+    assert main(["quantize", str(ckpt), str(tmp_path / "q"), "--format", "Q4_0"]) == 0
+    side = read_sidecar(tmp_path / "q")
+    assert set(side["quantized"].values()) == {"Q4_0", "Q8_0"} and (tmp_path / "q" / "tokenizer.json").exists()
+    with live_server(tmp_path / "q") as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+        name = client.models.list().data[0].id
+        comp = client.completions.create(model=name, prompt="the capital of", max_tokens=8, temperature=0,
+                                         extra_body={"ignore_eos": True})
+        assert comp.usage.completion_tokens == 8 and comp.choices[0].finish_reason == "length"
+    capsys.readouterr()
+    assert main(["quantize", str(ckpt), str(tmp_path / "x"), "--format", "Q5_K"]) == 2
+    assert "'Q5_K' cannot be served; chipshift serves Q8_0, Q4_0, Q4_1" in capsys.readouterr().err
