@@ -226,7 +226,8 @@ def main() -> None:
                           f"peak {res['peak_mem_bytes'] / 2**20:7.0f} MiB", flush=True)
             med = {s: statistics.median(x["tokens_per_s"] for x in runs[s]) for s in runs}
             mem = {s: max(x["peak_mem_bytes"] for x in runs[s]) for s in runs}
-            row = {"shape": shape, "dtype": dtype, "resolved_dtype": resolved[dtype], "ours_tokens_per_s": med["ours"], "hf_tokens_per_s": med["hf"],
+            row = {"shape": shape, "dtype": dtype, "resolved_dtype": resolved[dtype],
+                   "ours_tokens_per_s": med["ours"], "hf_tokens_per_s": med["hf"],
                    "ratio": med["ours"] / med["hf"], "ours_mfu": med["ours"] * fpt / ceiling,
                    "hf_mfu": med["hf"] * fpt / ceiling, "ceiling_gflops": ceiling / 1e9,
                    "ours_peak_mib": mem["ours"] / 2**20, "hf_peak_mib": mem["hf"] / 2**20,

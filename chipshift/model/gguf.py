@@ -2,7 +2,8 @@
 
 Supported: `general.architecture` llama (Llama, Mistral, SmolLM2, ...) and qwen2, with
 tensors in F32, F16, BF16, Q8_0, Q4_0 or Q4_1 (dequantised to float32 by the `gguf`
-package, or with `keep_quantized` kept as the quantized blocks they are). Three things differ from the Hugging Face layout:
+package, or with `keep_quantized` kept as the quantized blocks they are). Three things
+differ from the Hugging Face layout:
 
   - names: `blk.3.attn_q.weight` is our `layers.3.self_attn.q_proj.weight` (map below);
   - RoPE layout: llama.cpp's converter permutes the rows of q_proj and k_proj of llama

@@ -301,7 +301,8 @@ class DecodeStep:
         self._desc = _Decoder(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                               cfg.intermediate_size, cfg.vocab_size, cache.max_batch, cache.max_len,
                               cfg.rms_norm_eps, cache.k.dtype == torch.float32, _matrix(model.embed_tokens),
-                              _matrix(model.embed_tokens if model.lm_head is None else model.lm_head), _ptr(model.norm.weight),
+                              _matrix(model.embed_tokens if model.lm_head is None else model.lm_head),
+                              _ptr(model.norm.weight),
                               _ptr(self._inv_freq), _ptr(cache.k), _ptr(cache.v), layers)
         self.vocab = cfg.vocab_size
 

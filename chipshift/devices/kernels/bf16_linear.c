@@ -266,7 +266,9 @@ AVX512_BF16 static void dp_block(const problem *p, const uint16_t *x, int64_t n,
 
 #else /* a compiler without the AVX512-BF16 intrinsics: the AVX2 path only */
 void bf16_set_avx512(int on) { use_avx512_bf16 = 0 * on; }
-static void dp_block(const problem *p, const uint16_t *x, int64_t n, int count) { (void)p, (void)x, (void)n, (void)count; }
+static void dp_block(const problem *p, const uint16_t *x, int64_t n, int count) {
+    (void)p, (void)x, (void)n, (void)count;
+}
 #endif
 
 /* y_i = x @ w_i.T (+ b_i) for `count` matrices sharing x and K (q/k/v, gate/up): one pass

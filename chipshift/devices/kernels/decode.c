@@ -112,6 +112,11 @@ static inline void add_into(uint16_t *x, const uint16_t *y, int64_t n) { /* x = 
     for (int64_t i = 0; i < n; i++) x[i] = round1(widen1(x[i]) + widen1(y[i]));
 }
 
+/* element i of a cache row as float32 */
+static inline float load1(const void *row, int64_t i, int f32) {
+    return f32 ? ((const float *)row)[i] : widen1(((const uint16_t *)row)[i]);
+}
+
 /* 8 elements of a cache row as float32 */
 static inline __m256 load8(const void *row, int64_t i, int f32) {
     return f32 ? _mm256_loadu_ps((const float *)row + i) : widen8((const uint16_t *)row + i);
@@ -161,7 +166,7 @@ static void attend(const decoder *m, int64_t l, int64_t slot, int64_t g, int64_t
                 d = hsum(a);
             } else {
                 for (int64_t i = 0; i < hd; i++)
-                    d += qf[j * hd + i] * (m->kv_float32 ? ((const float *)krow)[i] : widen1(((const uint16_t *)krow)[i]));
+                    d += qf[j * hd + i] * load1(krow, i, m->kv_float32);
             }
             sc[j * n + s] = d * scale;
         }
@@ -191,7 +196,7 @@ static void attend(const decoder *m, int64_t l, int64_t slot, int64_t g, int64_t
                                                                       _mm256_loadu_ps(acc + j * hd + i)));
             } else {
                 for (int64_t i = 0; i < hd; i++)
-                    acc[j * hd + i] += p * (m->kv_float32 ? ((const float *)vrow)[i] : widen1(((const uint16_t *)vrow)[i]));
+                    acc[j * hd + i] += p * load1(vrow, i, m->kv_float32);
             }
         }
     }
@@ -235,7 +240,8 @@ int decode_step(const decoder *m, int64_t rows, const int64_t *tokens, const int
     uint16_t *att = v + rows * KD, *g = att + rows * QD, *u = g + rows * F, *lg = u + rows * F;
     float *cs = malloc(sizeof(float) * (size_t)(rows * hd * 2)), *sn = cs + rows * hd;
     for (int64_t r = 0; r < rows; r++) {
-        if (!m->embed.fmt) memcpy(x + r * D, (const uint16_t *)m->embed.w + tokens[r] * D, sizeof(uint16_t) * (size_t)D);
+        if (!m->embed.fmt)
+            memcpy(x + r * D, (const uint16_t *)m->embed.w + tokens[r] * D, sizeof(uint16_t) * (size_t)D);
         for (int64_t i = 0; i < hd / 2; i++) { /* positions * inv_freq in float32, cos/sin to bfloat16 */
             const float f = (float)positions[r] * m->inv_freq[i];
             cs[r * hd + i] = cs[r * hd + i + hd / 2] = widen1(round1(cosf(f)));

@@ -161,7 +161,8 @@ def quant_linear_many(x: torch.Tensor, weights: list[torch.Tensor], fmts: list[s
     if M:
         arr = ctypes.c_void_p * count
         _kernels().quant_linear_many(
-            x2.data_ptr(), count, arr(*(w.data_ptr() for w in ws)), (ctypes.c_int * count)(*(FORMATS[f][0] for f in fmts)),
+            x2.data_ptr(), count, arr(*(w.data_ptr() for w in ws)),
+            (ctypes.c_int * count)(*(FORMATS[f][0] for f in fmts)),
             arr(*(y.data_ptr() for y in ys)), (ctypes.c_int64 * count)(*(w.shape[0] for w in ws)), M, K,
             torch.get_num_threads())
     return ys if len(lead) == 1 else [y.view(*lead, y.shape[1]) for y in ys]
