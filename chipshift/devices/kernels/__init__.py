@@ -275,9 +275,11 @@ def for_inference(model: nn.Module, native_half: bool = False) -> nn.Module:
 class DecodeStep:
     """A whole decode step of a bfloat16 `Transformer` in one native call (decode.c): the
     rows' new tokens in, their float32 logits out, this step's keys and values written into
-    the engine's `KVCache`. The same roundings as the model's bfloat16 operators (attention in
-    float32, as the emulating CPU's twin computes it); only summation orders differ. Holds
-    pointers to the model's weights and the cache: both must outlive it, unmoved.
+    the engine's `KVCache`; or a prompt's prefill (`prefill`). The same roundings as the
+    model's bfloat16 operators (attention in float32, as the emulating CPU's twin computes
+    it); only summation orders differ. Its linear and embedding layers may hold quantized
+    blocks (chipshift.model.quant), multiplied by quant.c. Holds pointers to the model's
+    weights and the cache: both must outlive it, unmoved.
 
     `max_rows`: the most rows a call takes (decode: slots; prefill: prompt tokens); the engine
     runs larger batches and longer prompts through the model."""
