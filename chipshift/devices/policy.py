@@ -258,9 +258,8 @@ class PrecisionPolicy:
             return Decision(None, twin.reason)
         from chipshift.devices import kernels
 
-        rows = kernels.NATIVE_KERNEL_MAX_ROWS if self.half_native(dtype).value else kernels.KERNEL_MAX_ROWS
         try:
-            step = kernels.DecodeStep(model, cache, rows)
+            step = kernels.DecodeStep(model, cache, kernels.twin_max_rows(self.half_native(dtype).value))
         except kernels.Unavailable as exc:
             return Decision(None, f"decode through the model (no native decode step: {exc})")
         return Decision(step, f"decode steps of up to {step.max_rows} rows in one native call")

@@ -194,13 +194,18 @@ def load_tensors(path: str | Path, verify: bool = True) -> tuple[dict[str, torch
     return tensors, data
 
 
+def float_dtype(tensors: dict[str, torch.Tensor], quantized: dict[str, str]) -> torch.dtype:
+    """The dtype a checkpoint's weights are stored in: its first tensor that is not quantized blocks."""
+    return next(v.dtype for k, v in tensors.items() if k not in quantized)
+
+
 def load_checkpoint(path: str | Path, device="cpu", dtype: torch.dtype | None = None,
                     verify: bool = True) -> tuple[Transformer, dict]:
     """Load a checkpoint as a model on `device` (in `dtype`, default: as stored)."""
     tensors, data = load_tensors(path, verify)
     cfg = ModelConfig.from_dict(data["model_config"])
     quantized = data.get("quantized") or {}
-    dtype = dtype or next(v.dtype for k, v in tensors.items() if k not in quantized)
+    dtype = dtype or float_dtype(tensors, quantized)
     model = build_model(cfg, device=device, dtype=dtype, seed=None)
     swap_in(model, quantized)  # quantized blocks load into quantized layers, as they are
     missing, unexpected = model.load_state_dict(tensors, strict=False)

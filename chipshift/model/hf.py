@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from chipshift.errors import CheckpointError
 from chipshift.model import quant
-from chipshift.model.checkpoint import load_tensors, write_checkpoint
+from chipshift.model.checkpoint import float_dtype, load_tensors, write_checkpoint
 from chipshift.model.config import ModelConfig
 
 # Hugging Face class -> our `ModelConfig.architecture` (and its `model_type`)
@@ -268,10 +268,9 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     tensors, side = load_tensors(ckpt)
     cfg = ModelConfig.from_dict(side["model_config"])
     quantized = side.get("quantized") or {}
-    dtype = next(v.dtype for k, v in tensors.items() if k not in quantized)
+    dtype = float_dtype(tensors, quantized)
     for name, fmt in quantized.items():  # Hugging Face folders hold float weights: dequantize
-        K = tensors[name].shape[1] // quant.block_bytes(fmt) * quant.BLOCK
-        tensors[name] = quant.dequantize(tensors[name], fmt, K).to(dtype)
+        tensors[name] = quant.dequantize(tensors[name], fmt, quant.columns(tensors[name], fmt)).to(dtype)
     hf_tensors = {(k if k == "lm_head.weight" else f"model.{k}"): v.contiguous() for k, v in tensors.items()}
     if cfg.architecture == "llama" and cfg.qkv_bias:
         for i in range(cfg.num_layers):

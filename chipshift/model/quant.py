@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from chipshift.devices.kernels.quant import (BLOCK, FORMATS, block_bytes, check_format,  # noqa: F401
-                                             dequantize, quantize)
+                                             columns, dequantize, quantize)
 from chipshift.errors import CheckpointError
+
 
 def _matmul(module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if module.kernel is not None:
@@ -45,6 +46,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _matmul(self, x, self.bias)
+
+    linear = forward  # as QuantEmbedding's: the output projection, tied or not, is `.linear`
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.fmt}, bias={self.bias is not None}"
@@ -76,7 +79,8 @@ QUANTIZABLE = (nn.Linear, nn.Embedding)
 
 def quantized_modules(model: nn.Module) -> dict[str, str]:
     """{parameter name: format} of a model's quantized weights."""
-    return {f"{name}.weight": m.fmt for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+    return {f"{name}.weight": m.fmt for name, m in model.named_modules()
+            if isinstance(m, (QuantLinear, QuantEmbedding))}
 
 
 def swap_in(model: nn.Module, formats: dict[str, str]) -> None:
@@ -90,18 +94,14 @@ def swap_in(model: nn.Module, formats: dict[str, str]) -> None:
         old = getattr(parent, attr, None)
         if not isinstance(old, QUANTIZABLE):
             raise CheckpointError(f"{pname} is quantized ({fmt}) but names no linear or embedding layer")
+        if old.weight.shape[-1] % BLOCK:
+            raise CheckpointError(f"{pname}: {fmt} needs rows of a multiple of {BLOCK} weights")
         if isinstance(old, nn.Embedding):
             new = QuantEmbedding(old.num_embeddings, old.embedding_dim, fmt)
         else:
             new = QuantLinear(old.in_features, old.out_features, fmt, bias=old.bias is not None)
-        if (old.weight.shape[-1] if isinstance(old, nn.Linear) else old.embedding_dim) % BLOCK:
-            raise CheckpointError(f"{pname}: {fmt} needs rows of a multiple of {BLOCK} weights")
-        float_dtype = old.weight.dtype
-        setattr(parent, attr, new.to(device=old.weight.device))
-        if isinstance(new, QuantEmbedding):
-            new.dtype_of_rows = new.dtype_of_rows.to(float_dtype)
-        elif new.bias is not None:
-            new.bias.data = new.bias.data.to(float_dtype)
+        # `.to` converts the float tensors (bias, dtype_of_rows) and leaves the uint8 blocks
+        setattr(parent, attr, new.to(device=old.weight.device, dtype=old.weight.dtype))
 
 
 @torch.no_grad()

@@ -349,7 +349,7 @@ class Transformer(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         out = self.embed_tokens if self.lm_head is None else self.lm_head
         if isinstance(out, (QuantLinear, QuantEmbedding)):
-            return out(hidden) if isinstance(out, QuantLinear) else out.linear(hidden)
+            return out.linear(hidden)
         return F.linear(hidden, self.output_weight)
 
     def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -69,7 +69,10 @@ def _library() -> ctypes.CDLL:
     handle.bf16_rms_norm.argtypes = [P, P, P, I64, I64, ctypes.c_float]
     handle.decode_step.argtypes = [ctypes.POINTER(_Decoder), I64, P, P, P, I64, P, ctypes.c_int]
     handle.decode_step.restype = ctypes.c_int
-    for fn in (handle.bf16_linear, handle.bf16_linear_many, handle.bf16_rms_norm):
+    handle.quant_linear_many.argtypes = [P, ctypes.c_int, P, P, P, P, I64, I64, ctypes.c_int]
+    handle.quant_rows.argtypes = [P, ctypes.c_int, I64, P, I64, P]
+    for fn in (handle.bf16_linear, handle.bf16_linear_many, handle.bf16_rms_norm, handle.quant_linear_many,
+               handle.quant_rows):
         fn.restype = None
     handle.bf16_set_avx512.argtypes, handle.bf16_set_avx512.restype = [ctypes.c_int], None
     handle.bf16_set_avx512(1)  # where the CPU has AVX512-BF16, 7+ rows use it
@@ -184,6 +187,11 @@ KERNEL_MAX_ROWS = 128
 NATIVE_KERNEL_MAX_ROWS = 8
 
 
+def twin_max_rows(native_half: bool) -> int:
+    """The most rows of an input the twin (and the native decode step) sends through the kernels."""
+    return NATIVE_KERNEL_MAX_ROWS if native_half else KERNEL_MAX_ROWS
+
+
 def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1]
 
@@ -258,7 +266,7 @@ def for_inference(model: nn.Module, native_half: bool = False) -> nn.Module:
     The caller's model is left as it was."""
     _library()  # fail here, not mid-forward, when the kernel cannot be built
     if native_half:
-        rows = NATIVE_KERNEL_MAX_ROWS
+        rows = twin_max_rows(native_half)
         return model.with_kernels(linear=functools.partial(_twin_linear, max_rows=rows),
                                   linear_many=functools.partial(_twin_linear_many, max_rows=rows),
                                   rms_norm=functools.partial(_twin_rms_norm, max_rows=rows),
@@ -361,11 +369,6 @@ def _decode_step_refusal(model: nn.Module, cache) -> str | None:
     for m in model.modules():  # LoRA layers and other replacements compute otherwise
         if isinstance(m, nn.Linear) and type(m) is not nn.Linear:
             return f"a {type(m).__name__} layer, which the native decode step does not compute"
-    if isinstance(model.embed_tokens, nn.Embedding) and type(model.embed_tokens) is not nn.Embedding:
-        return f"a {type(model.embed_tokens).__name__} embedding, which the native decode step does not compute"
-    if any(m.bias is not None for b in model.layers for m in (b.self_attn.o_proj, b.mlp.gate_proj, b.mlp.up_proj,
-                                                              b.mlp.down_proj)):
-        return "a bias on o/gate/up/down, which the model does not have"
     if cache.k.dtype not in (torch.bfloat16, torch.float32) or cache.k.device.type != "cpu":
         return f"a {cache.k.dtype} KV cache on {cache.k.device}"
     return None

@@ -122,6 +122,25 @@ static inline __m256 load8(const void *row, int64_t i, int f32) {
     return f32 ? _mm256_loadu_ps((const float *)row + i) : widen8((const uint16_t *)row + i);
 }
 
+/* q . row over hd elements: 8 lanes at a time, then the rest one by one */
+static inline float dot_row(const float *q, const void *row, int64_t hd, int f32) {
+    __m256 a = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= hd; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(row, i, f32), a);
+    float d = hsum(a);
+    for (; i < hd; i++) d += q[i] * load1(row, i, f32);
+    return d;
+}
+
+/* acc += p * row over hd elements */
+static inline void axpy_row(float p, const void *row, float *acc, int64_t hd, int f32) {
+    const __m256 pv = _mm256_set1_ps(p);
+    int64_t i = 0;
+    for (; i + 8 <= hd; i += 8)
+        _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pv, load8(row, i, f32), _mm256_loadu_ps(acc + i)));
+    for (; i < hd; i++) acc[i] += p * load1(row, i, f32);
+}
+
 /* exp of 8 lanes (arguments <= 0 here: scores minus their maximum), as Cephes' expf:
    x = n ln2 + r, a degree-5 polynomial for e^r, times 2^n; within ~2 ulp of expf, which
    is far below the bfloat16 rounding of attention's output. Softmax of a long history
@@ -154,23 +173,9 @@ static void attend(const decoder *m, int64_t l, int64_t slot, int64_t g, int64_t
     const float scale = 1.0f / sqrtf((float)hd);
     float *qf = malloc(sizeof(float) * (size_t)(G * hd * 2 + G * n)), *acc = qf + G * hd, *sc = acc + G * hd;
     for (int64_t i = 0; i < G * hd; i++) qf[i] = widen1(q[g * G * hd + i]), acc[i] = 0.0f;
-    const int vec = hd % 8 == 0;
-    for (int64_t s = 0; s < n; s++) {
-        const void *krow = kc + s * hd * esz;
-        for (int64_t j = 0; j < G; j++) {
-            float d = 0.0f;
-            if (vec) {
-                __m256 a = _mm256_setzero_ps();
-                for (int64_t i = 0; i < hd; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qf + j * hd + i),
-                                                                       load8(krow, i, m->kv_float32), a);
-                d = hsum(a);
-            } else {
-                for (int64_t i = 0; i < hd; i++)
-                    d += qf[j * hd + i] * load1(krow, i, m->kv_float32);
-            }
-            sc[j * n + s] = d * scale;
-        }
-    }
+    for (int64_t s = 0; s < n; s++)
+        for (int64_t j = 0; j < G; j++)
+            sc[j * n + s] = dot_row(qf + j * hd, kc + s * hd * esz, hd, m->kv_float32) * scale;
     for (int64_t j = 0; j < G; j++) {
         float *p = sc + j * n, mx = -INFINITY, sum = 0.0f;
         for (int64_t s = 0; s < n; s++) mx = p[s] > mx ? p[s] : mx;
@@ -185,21 +190,8 @@ static void attend(const decoder *m, int64_t l, int64_t slot, int64_t g, int64_t
         for (; s < n; s++) sum += (p[s] = expf(p[s] - mx));
         for (s = 0; s < n; s++) p[s] /= sum;
     }
-    for (int64_t s = 0; s < n; s++) {
-        const void *vrow = vc + s * hd * esz;
-        for (int64_t j = 0; j < G; j++) {
-            const float p = sc[j * n + s];
-            if (vec) {
-                const __m256 pv = _mm256_set1_ps(p);
-                for (int64_t i = 0; i < hd; i += 8)
-                    _mm256_storeu_ps(acc + j * hd + i, _mm256_fmadd_ps(pv, load8(vrow, i, m->kv_float32),
-                                                                      _mm256_loadu_ps(acc + j * hd + i)));
-            } else {
-                for (int64_t i = 0; i < hd; i++)
-                    acc[j * hd + i] += p * load1(vrow, i, m->kv_float32);
-            }
-        }
-    }
+    for (int64_t s = 0; s < n; s++)
+        for (int64_t j = 0; j < G; j++) axpy_row(sc[j * n + s], vc + s * hd * esz, acc + j * hd, hd, m->kv_float32);
     for (int64_t i = 0; i < G * hd; i++) y[g * G * hd + i] = round1(acc[i]);
     free(qf);
 }
@@ -231,9 +223,13 @@ int decode_step(const decoder *m, int64_t rows, const int64_t *tokens, const int
                 const int64_t *slots, int64_t out_rows, float *logits, int threads) {
     const int64_t D = m->dim, hd = m->head_dim, QD = m->heads * hd, KD = m->kv_heads * hd, F = m->ffn;
     if (hd > 1024 || hd % 2 || m->heads % m->kv_heads || out_rows < 1 || out_rows > rows) return -1;
+    int64_t *slot = malloc(sizeof(int64_t) * (size_t)rows);
     for (int64_t r = 0; r < rows; r++) {
-        const int64_t slot = slots ? slots[r] : r;
-        if (slot < 0 || slot >= m->slots || positions[r] < 0 || positions[r] >= m->max_len) return -1;
+        slot[r] = slots ? slots[r] : r;
+        if (slot[r] < 0 || slot[r] >= m->slots || positions[r] < 0 || positions[r] >= m->max_len) {
+            free(slot);
+            return -1;
+        }
     }
     uint16_t *x = malloc(2 * (size_t)(rows * (3 * D + 2 * QD + 2 * KD + 2 * F) + out_rows * m->vocab));
     uint16_t *h = x + rows * D, *o = h + rows * D, *q = o + rows * D, *k = q + rows * QD, *v = k + rows * KD;
@@ -258,14 +254,14 @@ int decode_step(const decoder *m, int64_t rows, const int64_t *tokens, const int
         for (int64_t r = 0; r < rows; r++) {
             rope(q + r * QD, m->heads, hd, cs + r * hd, sn + r * hd);
             rope(k + r * KD, m->kv_heads, hd, cs + r * hd, sn + r * hd);
-            store_kv(m, l, slots ? slots[r] : r, positions[r], k + r * KD, v + r * KD);
+            store_kv(m, l, slot[r], positions[r], k + r * KD, v + r * KD);
         }
         const int64_t tasks = rows * m->kv_heads;
 #pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t t = 0; t < tasks; t++)
-            attend(m, l, slots ? slots[t / m->kv_heads] : t / m->kv_heads, t % m->kv_heads, positions[t / m->kv_heads],
-                   q + (t / m->kv_heads) * QD,
-                   att + (t / m->kv_heads) * QD);
+        for (int64_t t = 0; t < tasks; t++) {
+            const int64_t r = t / m->kv_heads;
+            attend(m, l, slot[r], t % m->kv_heads, positions[r], q + r * QD, att + r * QD);
+        }
         uint16_t *yo[1] = {o};
         const int64_t nd[1] = {D};
         project(att, 1, L->m + O, NULL, yo, nd, rows, QD, threads);
@@ -288,6 +284,7 @@ int decode_step(const decoder *m, int64_t rows, const int64_t *tokens, const int
     const int64_t nv[1] = {m->vocab};
     project(h, 1, &m->out, NULL, yl, nv, out_rows, D, threads);
     for (int64_t i = 0; i < out_rows * m->vocab; i++) logits[i] = widen1(lg[i]);
+    free(slot);
     free(cs);
     free(x);
     return 0;

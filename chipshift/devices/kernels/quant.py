@@ -20,7 +20,6 @@ and otherwise the plain path: the weights dequantized by `dequantize` and a floa
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +41,11 @@ def check_format(fmt: str) -> str:
 
 def block_bytes(fmt: str) -> int:
     return FORMATS[check_format(fmt)][1]
+
+
+def columns(blocks: torch.Tensor, fmt: str) -> int:
+    """K, the weights per row of a quantized matrix (N, K / 32 * block bytes)."""
+    return blocks.shape[-1] // block_bytes(fmt) * BLOCK
 
 
 def _check_matrix(w: torch.Tensor, fmt: str, K: int) -> None:
@@ -126,16 +130,6 @@ def quantize(w: torch.Tensor, fmt: str) -> torch.Tensor:
     return torch.cat(parts, dim=-1).reshape(N, K // BLOCK * block_bytes(fmt))
 
 
-@functools.cache
-def _kernels() -> ctypes.CDLL:
-    lib = _library()
-    P, I64 = ctypes.c_void_p, ctypes.c_int64
-    lib.quant_linear_many.argtypes = [P, ctypes.c_int, P, P, P, P, I64, I64, ctypes.c_int]
-    lib.quant_rows.argtypes = [P, ctypes.c_int, I64, P, I64, P]
-    lib.quant_linear_many.restype = lib.quant_rows.restype = None
-    return lib
-
-
 def quant_linear_many(x: torch.Tensor, weights: list[torch.Tensor], fmts: list[str]) -> list[torch.Tensor]:
     """[x @ dequantize(w).T for each w] for bfloat16 x (..., K), each output bfloat16
     (..., N_i), in one pass over all the weights (q/k/v, gate/up). The kernel's x is
@@ -160,7 +154,7 @@ def quant_linear_many(x: torch.Tensor, weights: list[torch.Tensor], fmts: list[s
     ys = [torch.empty(M, w.shape[0], dtype=torch.bfloat16) for w in ws]
     if M:
         arr = ctypes.c_void_p * count
-        _kernels().quant_linear_many(
+        _library().quant_linear_many(
             x2.data_ptr(), count, arr(*(w.data_ptr() for w in ws)),
             (ctypes.c_int * count)(*(FORMATS[f][0] for f in fmts)),
             arr(*(y.data_ptr() for y in ys)), (ctypes.c_int64 * count)(*(w.shape[0] for w in ws)), M, K,
@@ -175,7 +169,7 @@ def quant_linear(x: torch.Tensor, w: torch.Tensor, fmt: str) -> torch.Tensor:
 
 def quant_rows(w: torch.Tensor, fmt: str, ids: torch.Tensor) -> torch.Tensor:
     """Rows `ids` (any shape) of a quantized matrix (an embedding) as bfloat16 (*ids.shape, K)."""
-    K = w.shape[-1] // block_bytes(fmt) * BLOCK  # checked by _blocks
+    K = columns(w, fmt)  # checked by _blocks
     blocks = _blocks(w, fmt, K)
     flat = ids.reshape(-1).to(torch.int64).contiguous()
     if flat.numel() and not (0 <= int(flat.min()) and int(flat.max()) < w.shape[0]):
@@ -185,5 +179,6 @@ def quant_rows(w: torch.Tensor, fmt: str, ids: torch.Tensor) -> torch.Tensor:
     else:
         out = torch.empty(flat.numel(), K, dtype=torch.bfloat16)
         if flat.numel():
-            _kernels().quant_rows(blocks.data_ptr(), FORMATS[fmt][0], K, flat.data_ptr(), flat.numel(), out.data_ptr())
+            _library().quant_rows(blocks.data_ptr(), FORMATS[fmt][0], K, flat.data_ptr(), flat.numel(),
+                                  out.data_ptr())
     return out.view(*ids.shape, K)
