@@ -11,7 +11,9 @@ memory of each side (resident-set growth on the CPU, allocator peak elsewhere), 
 with one JSON line.
 
 What each side runs:
-  chipshift  `chipshift.train.loop.Trainer.train_step` on random tokens: bf16 = bf16
+  chipshift  `chipshift.train.loop.Trainer.train_step` on random tokens, in a run of the
+             default length (1000 steps, so `run.compile = "auto"` compiles where the
+             device layer would for a real run; the first, compiling, step is warm-up): bf16 = bf16
              parameters with fp32 master weights (half matmuls as fp32 GEMMs on bf16
              operands where the device's native bf16 GEMM is slower, see
              `chipshift.train.precision`), fp32 = plain fp32; SDPA attention, chunked
@@ -51,7 +53,7 @@ def worker_ours(shape: str, dtype: str, steps: int, warmup: int, device: str, ov
 
     from chipshift.devices import get_device
     from chipshift.model.config import preset
-    from chipshift.train.config import apply_overrides, from_dict
+    from chipshift.train.config import TrainLoopConfig, apply_overrides, from_dict
     from chipshift.train.data import TokenWindows
     from chipshift.train.loop import Trainer
     from chipshift.train.objectives import LanguageModeling
@@ -62,7 +64,9 @@ def worker_ours(shape: str, dtype: str, steps: int, warmup: int, device: str, ov
                      "data": {"seq_len": SEQ, "batch_size": BATCH},
                      "optim": {"lr": LR, "beta1": BETAS[0], "beta2": BETAS[1], "weight_decay": WD,
                                "grad_clip": CLIP, "warmup_steps": 0, "schedule": "constant"},
-                     "train": {"steps": steps + warmup}}, list(overrides)))
+                     # a run of the default length, timed over its first steps: the
+                     # device layer's choices for a real run (compile) apply
+                     "train": {"steps": max(steps + warmup, TrainLoopConfig.steps)}}, list(overrides)))
     stream = TokenWindows(_random_tokens(mcfg.vocab_size, BATCH * (SEQ + 1) * (steps + warmup + 1)), SEQ)
     base = dev.memory_allocated()
     dev.reset_peak_memory()
@@ -71,7 +75,7 @@ def worker_ours(shape: str, dtype: str, steps: int, warmup: int, device: str, ov
     def step():
         trainer.train_step()
     return _time(step, steps, warmup, dev, base, {"precision": trainer.precision, "upcast": trainer.upcast,
-                                                  "attn_impl": trainer.model.attn_impl,
+                                                  "attn_impl": trainer.model.attn_impl, "compiled": trainer.compiled,
                                                   "checkpointing": trainer.model.activation_checkpointing,
                                                   "threads": torch.get_num_threads()})
 
@@ -232,7 +236,7 @@ def main() -> None:
                    "hf_mfu": med["hf"] * fpt / ceiling, "ceiling_gflops": ceiling / 1e9,
                    "ours_peak_mib": mem["ours"] / 2**20, "hf_peak_mib": mem["hf"] / 2**20,
                    "ours_precision": runs["ours"][0].get("precision"), "ours_upcast": runs["ours"][0].get("upcast"),
-                   "ours_attn_impl": runs["ours"][0].get("attn_impl"),
+                   "ours_attn_impl": runs["ours"][0].get("attn_impl"), "ours_compiled": runs["ours"][0].get("compiled"),
                    "ours_checkpointing": runs["ours"][0].get("checkpointing"), "ours_overrides": a.ours_set,
                    "rounds": a.rounds, "steps": a.steps}
             results.append(row)

@@ -4,6 +4,8 @@ CHIPSHIFT_CPU_KERNELS) or fakes the matmul probe's figures, so none follows the 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -198,3 +200,58 @@ def test_engine_takes_the_policys_inference_path(monkeypatch, half, pin, twin):
     assert ("AVX2 kernel" in (engine.kernel_note or "")) is twin
     assert (engine.native_step is not None) is twin  # and with the twin, the native decode step
     assert ("CHIPSHIFT_CPU_KERNELS=off" in (engine.kernel_note or "")) is (half == "emulated" and pin == "off")
+
+
+# -- compile for training --------------------------------------------------------------------
+def test_compile_training_decision(monkeypatch):
+    """Fixed-shape runs whose eager steps would take COMPILE_MIN_SECONDS compile where inductor
+    generates kernels; shorter runs, varying shapes, a CPU without a C++ compiler and
+    backends without inductor stay eager."""
+    from chipshift.devices import policy as policy_module
+    from chipshift.devices.policy import COMPILE_MIN_SECONDS, EAGER_MFU
+
+    p = policy(monkeypatch).precision
+    monkeypatch.setattr(policy_module, "cxx_compiler", lambda: "/usr/bin/g++")
+    p.device.peak_flops = lambda dtype: (1e11, "fake probe")
+    step = 1e11 * EAGER_MFU  # one second per eager step
+    assert p.compile_training(COMPILE_MIN_SECONDS, step, torch.float32, False, fixed_shapes=True).value is True
+    short = p.compile_training(COMPILE_MIN_SECONDS - 60, step, torch.float32, False, fixed_shapes=True)
+    assert short.value is False and f"shorter than the {COMPILE_MIN_SECONDS // 60} min" in short.reason
+    varying = p.compile_training(10 * COMPILE_MIN_SECONDS, step, torch.float32, False, fixed_shapes=False)
+    assert varying.value is False and "recompile" in varying.reason
+    monkeypatch.setattr(policy_module, "cxx_compiler", lambda: None)
+    assert "C++ compiler" in p.compile_training(10 * COMPILE_MIN_SECONDS, step, torch.float32, False, True).reason
+    monkeypatch.setattr(policy_module, "cxx_compiler", lambda: "/usr/bin/g++")
+    p.device.backend = dataclasses.replace(p.device.backend, inductor=False)  # as for npu, mlu, musa, mps
+    assert "does not generate kernels for cpu" in p.compile_training(10 * COMPILE_MIN_SECONDS, step, torch.float32,
+                                                                     False, True).reason
+
+
+@pytest.mark.parametrize("sections, compiled, words", [
+    ({"train": {"steps": 10**7}}, True, "compiled with inductor"),
+    ({"train": {"steps": 50}}, False, "shorter than"),
+    ({"train": {"steps": 10**7}, "run": {"compile": "off"}}, False, None),
+    ({"train": {"steps": 50}, "run": {"compile": True}}, True, None),
+    ({"train": {"steps": 10**7}, "run": {"activation_checkpointing": True}}, False,
+     "not with activation checkpointing"),
+])
+def test_trainer_compiles_long_runs_by_default(monkeypatch, sections, compiled, words):
+    """run.compile = "auto" (the default) asks the device layer and logs its reason; on/off
+    pin it. Building the trainer compiles nothing yet (torch.compile is lazy). The tiny
+    model's step is about 0.05 GFLOP: 10**7 steps are a long run on any CPU, 50 a short one."""
+    from chipshift.devices import policy as policy_module
+
+    monkeypatch.setattr(policy_module, "cxx_compiler", lambda: "/usr/bin/g++")
+    raw = {"run": {"device": "cpu", "dtype": "float32"}, "model": {"preset": "tiny"},
+           "data": {"seq_len": 16, "batch_size": 2}, "optim": {"warmup_steps": 0}, "train": {}}
+    for name, values in sections.items():
+        raw[name].update(values)
+    lines = []
+    toks = torch.arange(2000) % 500
+    cfg = from_dict(raw)
+    trainer = Trainer(cfg, LanguageModeling(), TokenWindows(toks.numpy(), 16), model_cfg=cfg.model_config(),
+                      device=get_device("cpu"), log=lines.append)
+    assert trainer.compiled is compiled
+    assert hasattr(trainer.model.forward_hidden, "_torchdynamo_orig_callable") is compiled
+    if words:
+        assert any(words in line for line in lines if line.startswith("compile:")), lines

@@ -67,6 +67,7 @@ def streams(seed: int = 0):
     ({"model": {"preset": "tiny", "num_kv_heads": 3}}, ["num_kv_heads"]),
     ({"optimizer": {}}, ["[optimizer]", "allowed"]),
     ({"run": {"parallel": "zero3"}}, ["run.parallel", "'zero3'", "ddp, fsdp"]),
+    ({"run": {"compile": "yes"}}, ["run.compile", "'yes'", "auto, on, off"]),
 ])
 def test_config_errors_name_key_value_and_allowed(raw, words):
     with pytest.raises(ConfigError) as exc:
@@ -79,7 +80,7 @@ def test_config_file_and_overrides(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('[model]\npreset = "S"\n[optim]\nlr = 1e-3\n')
     cfg = load_config(path, ["optim.lr=5e-4", "run.out=somewhere", "run.compile=true"])
-    assert cfg.optim.lr == 5e-4 and cfg.run.out == "somewhere" and cfg.run.compile is True
+    assert cfg.optim.lr == 5e-4 and cfg.run.out == "somewhere" and cfg.run.compile == "on"
     assert cfg.model_config().hidden_size == 384
     assert cfg.model_config(vocab_size=1000).vocab_size == 8192  # the preset names its vocabulary
     assert from_dict({"model": {"hidden_size": 64, "num_heads": 4, "num_kv_heads": 4,

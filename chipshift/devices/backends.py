@@ -26,13 +26,16 @@ class Backend:
     plugin_package: str | None  # what to install when that import fails
     collective: str  # torch.distributed backend for this device
     fused_adamw: bool  # whether torch's fused AdamW kernel exists for it
+    # whether torch.compile's default backend (inductor) generates kernels for it; vendor
+    # plugins that bring their own graph compiler are left to `run.compile = "on"`
+    inductor: bool = False
     notes: str = ""
 
 
 BACKENDS: dict[str, Backend] = {
     b.type: b
     for b in (
-        Backend("cpu", "any x86-64 / Arm CPU", None, None, "gloo", True),
+        Backend("cpu", "any x86-64 / Arm CPU", None, None, "gloo", True, inductor=True),
         Backend(
             "cuda",
             "NVIDIA; AMD and Hygon DCU through ROCm/HIP builds of PyTorch",
@@ -40,10 +43,12 @@ BACKENDS: dict[str, Backend] = {
             "a CUDA or ROCm build of torch (https://pytorch.org/get-started/locally/)",
             "nccl",  # ROCm builds map nccl onto RCCL
             True,
+            inductor=True,
         ),
         Backend("npu", "Huawei Ascend", "torch_npu", "torch-npu (Ascend Extension for PyTorch)", "hccl", False),
         Backend("mlu", "Cambricon", "torch_mlu", "torch_mlu (Cambricon PyTorch extension)", "cncl", False),
-        Backend("xpu", "Intel GPUs", None, "an XPU build of torch (https://pytorch.org/get-started/locally/)", "xccl", True),
+        Backend("xpu", "Intel GPUs", None, "an XPU build of torch (https://pytorch.org/get-started/locally/)",
+                "xccl", True, inductor=True),
         Backend("musa", "Moore Threads", "torch_musa", "torch_musa (Moore Threads PyTorch extension)", "mccl", False),
         Backend("mps", "Apple silicon", None, "torch for macOS on Apple silicon", "gloo", True),
     )

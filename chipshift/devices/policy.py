@@ -21,6 +21,9 @@ fact, probed with a timed matmul, drives the decisions below:
     native decode step      where the twin     where the twin runs: the whole (follows the twin)
                             runs, up to 8 rows step in one native call
     KV-cache dtype          the weights'       float32 under the twin         (follows the twin)
+    compile training        fixed-shape runs estimated at COMPILE_MIN_SECONDS  run.compile
+                            or more of eager steps, where inductor generates
+                            kernels (a CPU with a C++ compiler, cuda, xpu)
 
 On a CPU the auto compute dtype is bfloat16 or float32, never float16: a CPU with float16
 arithmetic but emulated bfloat16 (AVX512-FP16 without AMX) trains in float32 and serves
@@ -54,6 +57,12 @@ if TYPE_CHECKING:
 
 HALF_ENV = "CHIPSHIFT_HALF"
 KERNELS_ENV = "CHIPSHIFT_CPU_KERNELS"
+# torch.compile of a training step costs 10-20 s once with inductor's cache warm and up to
+# 90 s on a fresh machine (2-core CPU), then saves 10-45% of every step (docs/train.md).
+# A run whose eager steps would take this long saves more than even a cold compile costs.
+COMPILE_MIN_SECONDS = 900
+# the eager MFU the run-length estimate assumes (measured on CPUs: S 53-62%, M 41-55%)
+EAGER_MFU = 0.5
 # A CPU whose half-precision matmul runs below this fraction of its float32 matmul emulates
 # half precision: AVX2 CPUs measure 0.05-0.3, AVX512-BF16 and AMX CPUs 2-4.
 EMULATED_BELOW = 0.8
@@ -191,6 +200,28 @@ class PrecisionPolicy:
             source += f" ({dtype_name(dtype)} matmuls run as float32 GEMMs here)"
         return Decision(peak, source)
 
+    def compile_training(self, steps: int, flops_per_step: float, dtype: torch.dtype, upcast: bool,
+                         fixed_shapes: bool) -> Decision:
+        """Whether a training run compiles its model's forward (`torch.compile`, inductor):
+        where inductor generates kernels for the device, the batches all have one shape
+        (varying shapes, as in SFT, would recompile) and the run's eager steps would take at
+        least COMPILE_MIN_SECONDS (`steps` x `flops_per_step` at EAGER_MFU of the peak)."""
+        dev = self.device
+        if not dev.backend.inductor:
+            return Decision(False, f"eager: torch.compile's inductor does not generate kernels for {dev.type} "
+                                   f"(run.compile = 'on' tries the backend the device's plugin sets)")
+        if dev.is_cpu and not cxx_compiler():
+            return Decision(False, "eager: inductor needs a C++ compiler on a CPU and none is on PATH "
+                                   "($CXX, g++ or clang++)")
+        if not fixed_shapes:
+            return Decision(False, "eager: batches of varying shape would recompile the model")
+        seconds = steps * flops_per_step / (EAGER_MFU * self.mfu_ceiling(dtype, upcast).value)
+        if seconds < COMPILE_MIN_SECONDS:
+            return Decision(False, f"eager: {steps} steps, about {seconds / 60:.0f} min eager, shorter than the "
+                                   f"{COMPILE_MIN_SECONDS // 60} min that pay back compiling (up to 90 s)")
+        return Decision(True, f"compiled with inductor: {steps} steps, about {seconds / 60:.0f} min eager, pay "
+                              f"back compiling (10-90 s once, then 10-45% faster steps)")
+
     # -- inference ---------------------------------------------------------------------------
     def serving_dtype(self, override: str | None = None, compiled: bool = False) -> Decision:
         """The dtype to hold weights in for inference: bfloat16 on a CPU where chipshift's
@@ -279,6 +310,16 @@ class PrecisionPolicy:
         }
         return {k: {"value": dtype_name(d.value) if isinstance(d.value, torch.dtype) else d.value, "reason": d.reason}
                 for k, d in rows.items()}
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler inductor would use on a CPU ($CXX, else g++ or clang++), or None."""
+    import shutil
+
+    for name in (os.environ.get("CXX"), "g++", "clang++"):
+        if name and (path := shutil.which(name)):
+            return path
+    return None
 
 
 def _is_quantized(model: torch.nn.Module) -> bool:

@@ -39,7 +39,9 @@ class RunConfig:
     # run half-precision matmuls as fp32 GEMMs on half-rounded operands where the device's
     # native half GEMM is slower than fp32 (same numerics: exact products, fp32 accumulation)
     half_matmul_upcast: str = "auto"  # auto | on | off
-    compile: bool = False
+    # torch.compile the model's forward: auto = the device layer decides (long fixed-shape
+    # runs where inductor generates kernels, `PrecisionPolicy.compile_training`) | on | off
+    compile: str = "auto"
     activation_checkpointing: bool = False
     attn_impl: str = "auto"  # auto | sdpa | math
     # under torchrun: replicate the model and average gradients ("ddp"), or shard parameters,
@@ -88,6 +90,7 @@ CHOICES = {
     "run.precision": ("auto", "autocast", "master"),
     "run.half_matmul_upcast": ("auto", "on", "off"),
     "run.attn_impl": ("auto", "sdpa", "math"),
+    "run.compile": ("auto", "on", "off"),
     "run.parallel": ("ddp", "fsdp"),
     "optim.schedule": ("cosine", "wsd", "constant"),
     "optim.fused": ("auto", "on", "off"),
@@ -96,6 +99,7 @@ POSITIVE = {"data.seq_len", "data.batch_size", "train.steps", "train.log_every",
             "train.max_bad_steps", "optim.lr", "train.eval_batches"}
 NON_NEGATIVE = {"data.micro_batch", "train.eval_every", "train.ckpt_every", "optim.weight_decay",
                 "optim.grad_clip", "optim.warmup_steps", "optim.eps", "run.seed", "train.max_minutes"}
+SWITCHES = {"run.compile"}  # on | off | auto, also written as TOML true / false
 UNIT_INTERVAL = {"optim.min_lr_ratio", "optim.beta1", "optim.beta2", "optim.decay_fraction"}
 
 SECTIONS = {"run": RunConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainLoopConfig}
@@ -135,6 +139,8 @@ def _type_ok(value, hint) -> bool:
 
 
 def _check_value(key: str, value, hint) -> object:
+    if key in SWITCHES and isinstance(value, bool):
+        value = "on" if value else "off"
     if not _type_ok(value, hint):
         raise ConfigError(f"{key} = {value!r}: must be {hint.__name__}")
     if hint is float:

@@ -166,12 +166,33 @@ class Trainer:
         model.train()
         model.activation_checkpointing = cfg.run.activation_checkpointing
         model.attn_impl = "sdpa" if cfg.run.attn_impl == "auto" else cfg.run.attn_impl
-        if cfg.run.compile:
+        self.compiled = self._resolve_compile(model_cfg)
+        if self.compiled:
             model.forward_hidden = torch.compile(model.forward_hidden)
         if self.sharded:
             distributed.shard(model, dev, self.world, self.dtype if self.precision == "master" else None)
         self.model, self.model_cfg = model, model_cfg
         self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def _resolve_compile(self, model_cfg: ModelConfig) -> bool:
+        """run.compile, or where it is "auto" the device layer's decision for this run (long
+        runs of one batch shape), logged. Auto stays eager where compile is untested with the
+        run's set-up: FSDP2 sharding, half matmuls routed as float32 GEMMs, checkpointing."""
+        run = self.cfg.run
+        if run.compile != "auto":
+            return run.compile == "on"
+        blocked = ("FSDP2 sharding" if self.sharded else "half matmuls as float32 GEMMs" if self.upcast
+                   else "activation checkpointing" if run.activation_checkpointing else None)
+        if blocked:
+            self.log(f"compile: eager (auto: not with {blocked}; run.compile = 'on' forces it)")
+            return False
+        seq_len = getattr(self.train_stream, "seq_len", self.cfg.data.seq_len)
+        flops_per_step = model_flops_per_token(model_cfg, seq_len) * self.cfg.data.batch_size * seq_len
+        decision = self.device.precision.compile_training(
+            self.cfg.train.steps, flops_per_step / self.world.size, self.dtype, self.upcast,
+            not getattr(self.train_stream, "variable_shapes", False))
+        self.log(f"compile: {decision.reason}")
+        return decision.value
 
     def _build_optimizer(self) -> None:
         """AdamW over the trainable parameters (their float32 master copies under "master"),
