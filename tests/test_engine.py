@@ -246,3 +246,82 @@ def test_compiled_decode_matches_naive(reference):
     model, want = reference
     outs = Engine(model, max_batch=2, max_len=48, compile=True).generate(PROMPTS[:3], greedy(budget(0)))
     assert outs == [w[:budget(0)] for w in want[:3]]
+
+
+def _reference_logprobs(model, ids):
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
+
+
+def test_logprobs_are_the_models_log_softmax_in_prefill_and_decode(reference, monkeypatch):
+    """Requests batched together, each with its own wish: the log-probabilities of the tokens
+    generated (first from the prefill, then from decode steps) and of the prompt are the
+    model's own log-softmax over the whole sequence, with the likeliest alternatives in
+    order, whatever temperature or penalty the request samples with; a request that asks for
+    none gets none. Prompt rows in chunks smaller than the prompt."""
+    monkeypatch.setattr("chipshift.infer.engine.PROMPT_LOGPROB_CHUNK", 7)
+    model, want = reference
+    engine = Engine(model, max_batch=3)
+    wishes = [greedy(budget(0), logprobs=3, prompt_logprobs=2), greedy(budget(1)),
+              greedy(budget(2), logprobs=0, prompt_logprobs=0),
+              SamplingParams(max_tokens=12, temperature=1.3, repetition_penalty=1.5, seed=3, stop_ids=(), logprobs=5)]
+    requests = [engine.submit(Request(p, w)) for p, w in zip(PROMPTS, wishes)]
+    while not all(r.done.is_set() for r in requests):
+        engine.step()
+    assert requests[1].logprobs == [] and requests[1].prompt_logprobs == []
+    assert requests[3].prompt_logprobs == []
+    for r, w in zip(requests, wishes):
+        if w.logprobs is None:
+            continue
+        if w.greedy:
+            assert r.output_ids == want[PROMPTS.index(r.prompt_ids)]
+        ref = _reference_logprobs(model, r.prompt_ids + r.output_ids)
+        T = len(r.prompt_ids)
+        assert [e.token for e in r.logprobs] == r.output_ids
+        for i, e in enumerate(r.logprobs):
+            row = ref[T - 1 + i]
+            assert abs(e.logprob - row[e.token].item()) < 1e-5
+            assert [t for t, _ in e.top] == row.topk(w.logprobs).indices.tolist()
+            assert torch.allclose(torch.tensor([lp for _, lp in e.top]), row.topk(w.logprobs).values, atol=1e-5)
+        if w.prompt_logprobs is not None:
+            assert r.prompt_logprobs[0] is None and len(r.prompt_logprobs) == T
+            for j, e in enumerate(r.prompt_logprobs[1:], 1):
+                assert e.token == r.prompt_ids[j] and len(e.top) == w.prompt_logprobs
+                assert abs(e.logprob - ref[j - 1, e.token].item()) < 1e-5
+
+
+def test_logprobs_come_from_the_logits_the_native_step_sampled_from(monkeypatch):
+    """On the CPU's native decode step (bfloat16) the log-probabilities are the log-softmax of
+    the very logits that step returned and the greedy choice took, in prefill and decode."""
+    monkeypatch.setenv("CHIPSHIFT_HALF", "native")
+    monkeypatch.setenv("CHIPSHIFT_CPU_KERNELS", "on")
+    if kernels.bf16_linear_status() is not None:
+        pytest.skip("no C compiler: no native decode step")
+    engine = Engine(tiny(torch.bfloat16), max_batch=2)
+    assert engine.native_step is not None
+    step, seen = engine.native_step, []
+
+    class Recorder:
+        max_rows, max_prefill = step.max_rows, step.max_prefill
+
+        def __call__(self, tokens, positions):
+            seen.append(step(tokens, positions))
+            return seen[-1]
+
+        def prefill(self, slot, ids, all_rows=False):
+            seen.append(step.prefill(slot, ids, all_rows))
+            return seen[-1]
+
+    engine.native_step = Recorder()
+    requests = [engine.submit(Request(PROMPTS[0], greedy(6, logprobs=2, prompt_logprobs=1))),
+                engine.submit(Request(PROMPTS[1], greedy(6, logprobs=2)))]
+    while not all(r.done.is_set() for r in requests):
+        engine.step()
+    first, second = (torch.log_softmax(seen[i], -1) for i in (0, 1))
+    assert first.shape[0] == len(PROMPTS[0]) and second.shape[0] == 1  # all rows only when asked
+    assert [e.logprob for e in requests[0].prompt_logprobs[1:]] == \
+        [first[j - 1, t].item() for j, t in enumerate(PROMPTS[0][1:], 1)]
+    for slot, r in enumerate(requests):
+        rows = [(first if slot == 0 else second)[-1]] + [torch.log_softmax(s, -1)[slot] for s in seen[2:]]
+        assert r.output_ids == [row.argmax().item() for row in rows]
+        assert [e.logprob for e in r.logprobs] == [row[t].item() for row, t in zip(rows, r.output_ids)]

@@ -307,6 +307,9 @@ def test_demo_recipe_end_to_end(tmp_path):
     dpo = st["dpo"]["result"]["metrics"]
     assert dpo["preference_accuracy_after"] > dpo["preference_accuracy_before"]
     assert len(st["serve"]["result"]["samples"]) >= 3
+    assert st["serve"]["result"]["check"]["verdict"] == "pass"  # the trainer-to-server check
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "Serving engine vs training forward (serve): serve check PASS" in report
 
 
 @pytest.mark.slow

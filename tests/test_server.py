@@ -19,9 +19,13 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_tokenizer_dir):
-    ckpt = make_checkpoint(tiny_tokenizer_dir, tmp_path_factory.mktemp("serve") / "tiny-chat")
-    with live_server(ckpt, "--api-key", KEY, "--max-batch", "8") as url:
+def checkpoint(tmp_path_factory, tiny_tokenizer_dir):
+    return make_checkpoint(tiny_tokenizer_dir, tmp_path_factory.mktemp("serve") / "tiny-chat")
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    with live_server(checkpoint, "--api-key", KEY, "--max-batch", "8") as url:
         yield url
 
 
@@ -97,7 +101,8 @@ def _bad_requests(rng: random.Random, prompt_ids_too_long: list[int]):
         "stream_options": [{"include_usage": "yes"}, {"bogus": True}, 5],
         "presence_penalty": [0.5, "x", 3.0],
         "frequency_penalty": [1.0],
-        "logprobs": [True, 5], "echo": [True], "best_of": [2], "logit_bias": [{"1": 100}],
+        "logprobs": [6, -1, "3", 2.5], "top_logprobs": [21, -1, "2"], "echo": ["yes", 1],
+        "best_of": [2], "logit_bias": [{"1": 100}],
         "tools": [[{"type": "function"}]], "response_format": [{"type": "json_object"}],
         "repetition_penalty": [0, -1, "x", 100],
         "ignore_eos": ["no", 1],
@@ -156,10 +161,116 @@ def test_unsupported_parameters_are_named(server):
         "model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "n": 2})
     assert r.status_code == 400 and "'n'" in r.json()["error"]["message"] and r.json()["error"]["param"] == "n"
     r = httpx.post(server + "/v1/completions", headers=AUTH, json={"model": "tiny-chat", "prompt": "x",
-                                                                     "logprobs": 3})
+                                                                     "best_of": 3})
     assert r.status_code == 400 and "not supported" in r.json()["error"]["message"]
     r = httpx.post(server + "/v1/completions", headers=AUTH, json={"model": "tiny-chat", "prompt": [5] * 600})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def _engine_logprobs(ckpt, ids, **wish):
+    """The same greedy request through an engine in this process (the same precision policy
+    as the server's): its Request, with the engine's own log-probabilities."""
+    from chipshift.infer.engine import Engine, Request
+    from chipshift.infer.sampling import SamplingParams
+
+    engine = Engine.from_checkpoint(ckpt, device="cpu", max_batch=1)
+    req = engine.submit(Request(ids, SamplingParams(temperature=0.0, **wish)))
+    while not req.done.is_set():
+        engine.step()
+    return engine, req
+
+
+def test_completions_logprobs_and_echo_through_the_openai_client(checkpoint, client):
+    """`logprobs` and `echo` as OpenAI defines them: the prompt's tokens (the first without a
+    log-probability) then the completion's, each with its alternatives and the chosen token;
+    the values are the engine's own; streamed chunks carry the same entries."""
+    ask = dict(model="tiny-chat", prompt="the capital of", max_tokens=8, temperature=0, logprobs=3, echo=True,
+               extra_body={"ignore_eos": True})
+    comp = client.completions.create(**ask)
+    choice = choice_lp = comp.choices[0]
+    engine, req = _engine_logprobs(checkpoint, engine_ids := client_ids(checkpoint, "the capital of"),
+                                   max_tokens=8, ignore_eos=True, logprobs=3, prompt_logprobs=3)
+    lp = choice_lp.logprobs
+    T = len(engine_ids)
+    assert choice.text == "the capital of" + engine.tokenizer.decode(req.output_ids)
+    assert len(lp.tokens) == T + 8 and _joined(lp.tokens) == choice.text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    want = [e.logprob for e in req.prompt_logprobs[1:] + req.logprobs]
+    assert max(abs(a - b) for a, b in zip(lp.token_logprobs[1:], want)) < 1e-6
+    for token, value, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        assert top[token] == value and 3 <= len(top) <= 4 and max(top.values()) <= 0
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    assert all(choice.text[at:at + len(t)] == t for t, at in zip(lp.tokens, lp.text_offset)
+               if not t.startswith("bytes:")), (lp.tokens, lp.text_offset, choice.text)
+    parts = list(client.completions.create(**ask, stream=True))
+    assert parts[0].choices[0].text == "the capital of"
+    assert "".join(p.choices[0].text for p in parts) == choice.text
+    streamed = [p.choices[0].logprobs for p in parts if p.choices[0].logprobs]
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert sum((getattr(s, key) for s in streamed), []) == getattr(lp, key), key
+    plain = client.completions.create(model="tiny-chat", prompt="the capital of", max_tokens=3, temperature=0,
+                                      echo=True)
+    assert plain.choices[0].text.startswith("the capital of") and plain.choices[0].logprobs is None
+    assert client.completions.create(model="tiny-chat", prompt="x", max_tokens=2).choices[0].logprobs is None
+
+
+def _joined(tokens: list[str]) -> str:
+    """The tokens' text, pieces of UTF-8 characters (`bytes:\\xe4`) put back together."""
+    raw = b"".join(bytes.fromhex(t[6:].replace("\\x", "")) if t.startswith("bytes:") else t.encode()
+                   for t in tokens)
+    return raw.decode("utf-8", "replace")
+
+
+def client_ids(ckpt, text):
+    from chipshift.data.tokenizer import Tokenizer
+
+    return Tokenizer.load(ckpt).encode(text)
+
+
+def test_chat_logprobs_through_the_openai_client(checkpoint, client):
+    from chipshift.data.tokenizer import Tokenizer
+
+    messages = [{"role": "user", "content": "hello there"}]
+    ask = dict(model="tiny-chat", messages=messages, max_tokens=12, temperature=0, logprobs=True, top_logprobs=2)
+    chat = client.chat.completions.create(**ask)
+    tok = Tokenizer.load(checkpoint)
+    ids = tok.encode(tok.apply_chat_template(messages))
+    _, req = _engine_logprobs(checkpoint, ids, max_tokens=12, logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == len(req.output_ids) - req.stop_token  # a final stop token is not shown
+    assert b"".join(bytes(c.bytes) for c in content).decode("utf-8", "replace") == chat.choices[0].message.content
+    for c, e in zip(content, req.logprobs):
+        assert abs(c.logprob - e.logprob) < 1e-6 and bytes(c.bytes) == tok.token_bytes(e.token)
+        assert [t.logprob for t in c.top_logprobs] == pytest.approx([lp for _, lp in e.top], abs=1e-6)
+        assert len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.logprob - 1e-6
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    streamed = [x for c in chunks if c.choices and c.choices[0].logprobs for x in c.choices[0].logprobs.content]
+    assert [(c.token, c.logprob) for c in streamed] == [(c.token, c.logprob) for c in content]
+    plain = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=2, logprobs=False)
+    assert plain.choices[0].logprobs is None
+
+
+def test_bad_logprob_values_get_a_400_naming_the_field(server, client):
+    chat = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    comp = {"model": "tiny-chat", "prompt": "hi", "max_tokens": 2}
+    cases = [("/v1/completions", comp, {"logprobs": 6}, "logprobs"),
+             ("/v1/completions", comp, {"logprobs": -1}, "logprobs"),
+             ("/v1/completions", comp, {"logprobs": True}, "logprobs"),
+             ("/v1/completions", comp, {"echo": "yes"}, "echo"),
+             ("/v1/completions", comp, {"top_logprobs": 2}, "top_logprobs"),
+             ("/v1/chat/completions", chat, {"logprobs": 3}, "logprobs"),
+             ("/v1/chat/completions", chat, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+             ("/v1/chat/completions", chat, {"logprobs": True, "top_logprobs": 1.5}, "top_logprobs"),
+             ("/v1/chat/completions", chat, {"top_logprobs": 2}, "top_logprobs"),
+             ("/v1/chat/completions", chat, {"echo": True}, "echo")]
+    for path, base, extra, field in cases:
+        r = httpx.post(server + path, headers=AUTH, json={**base, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (extra, r.text)
+        assert f"'{field}'" in r.json()["error"]["message"] or field in r.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny-chat", prompt="hi", max_tokens=2, logprobs=9)
+    ok = client.completions.create(model="tiny-chat", prompt="hi", max_tokens=2, logprobs=5, echo=True)
+    assert len(ok.choices[0].logprobs.top_logprobs[-1]) >= 5
 
 
 def test_32_concurrent_clients(server):

@@ -11,7 +11,7 @@ import json
 from functools import cached_property
 from pathlib import Path
 
-from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import Tokenizer as HFTokenizer, decoders
 
 from chipshift.errors import ChipshiftError
 
@@ -80,6 +80,25 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @cached_property
+    def _byte_of_char(self) -> dict[str, int] | None:
+        """A byte-level BPE's map from the printable characters its pieces are spelled in
+        back to the bytes they stand for (GPT-2's table); None for other tokenizers."""
+        if not isinstance(self.tok.decoder, decoders.ByteLevel):
+            return None
+        printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+        others = [b for b in range(256) if b not in printable]
+        return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for; a piece of a UTF-8 character stays a piece (the
+        log-probabilities of the OpenAI API report tokens so)."""
+        piece = self.tok.id_to_token(token_id)
+        table = self._byte_of_char
+        if piece is not None and table is not None and all(ch in table for ch in piece):
+            return bytes(table[ch] for ch in piece)
+        return self.tok.decode([token_id], skip_special_tokens=False).encode()
 
     def _compiled_template(self):
         """The chat template compiled once (SFT data renders it thousands of times)."""

@@ -10,6 +10,12 @@ The host reads the batch's new tokens once per step (it must: they are streamed 
 and checked against stop strings); sampling itself never waits on the host. The decode step
 can be compiled (`compile=True`): it then always runs all slots over the whole cache length,
 so its shapes never change.
+
+A request may ask for log-probabilities (`SamplingParams.logprobs`, `prompt_logprobs`): they
+are taken from the very logits its tokens were sampled from, whichever path produced them
+(the model, a compiled step or the device's native step), and computed for the rows that
+ask only. The prompt's need the logits of every prompt position, which a prefill otherwise
+skips; they are computed in chunks of `PROMPT_LOGPROB_CHUNK` positions.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ import torch
 from chipshift.devices import Device, dtype_name, get_device
 from chipshift.errors import ChipshiftError
 from chipshift.infer.cache import KVCache
-from chipshift.infer.sampling import SamplingParams, apply_repetition_penalty, sample
+from chipshift.infer.sampling import (SamplingParams, TokenLogprob, apply_repetition_penalty, sample,
+                                      token_logprobs)
 from chipshift.model.quant import quantized_modules
 from chipshift.model.transformer import Transformer
 
@@ -37,6 +44,8 @@ from chipshift.model.transformer import Transformer
 DEFAULT_MAX_LEN = 4096
 # Upper bounds (seconds) of the time-to-first-token histogram buckets.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Prompt positions whose logits are held at once for prompt log-probabilities (x vocab floats).
+PROMPT_LOGPROB_CHUNK = 256
 
 
 @dataclass(eq=False)
@@ -56,6 +65,9 @@ class Request:
     first_token_at: float | None = None
     done: threading.Event = field(default_factory=threading.Event)
     cancelled: bool = False
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, if asked
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # per prompt token; first None
+    stop_token: bool = False  # the last output token is a stop id (its text is not shown)
 
     def cancel(self) -> None:
         """Ask the engine to drop this request (safe from any thread); its slot frees before
@@ -298,14 +310,25 @@ class Engine:
         p = req.params
         T = len(req.prompt_ids)
         ids = torch.tensor([req.prompt_ids], dtype=torch.int64, device=self.device)
+        prompt_k = p.prompt_logprobs
         if self.native_step is not None and T <= self.native_step.max_prefill:
-            logits = self.native_step.prefill(slot, ids[0])
+            logits = self.native_step.prefill(slot, ids[0], all_rows=prompt_k is not None)
+            before, to_logits = logits[:-1], None
+            logits = logits[-1:]
         else:
             positions = self.span_arange[:T][None]
             mask = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()[None, None]
             hidden = self.model.forward_hidden(ids, positions=positions, attn_mask=mask,
                                                cache=self.cache.prefill(slot, T))
             logits = self.model.logits(hidden[:, -1]).float()
+            before, to_logits = hidden[0, :-1], self.model.logits
+        if prompt_k is not None:
+            req.prompt_logprobs = [None]
+            for start in range(0, T - 1, PROMPT_LOGPROB_CHUNK):
+                block = before[start:start + PROMPT_LOGPROB_CHUNK]
+                block = block if to_logits is None else to_logits(block)
+                req.prompt_logprobs += token_logprobs(block, ids[0, start + 1:start + 1 + len(block)], prompt_k)
+        raw = logits
         self.temperature[slot] = p.temperature
         self.top_k[slot] = p.top_k
         self.top_p[slot] = p.top_p
@@ -322,6 +345,8 @@ class Engine:
         self.last_token[rows] = token
         if p.repetition_penalty != 1:
             self.seen[slot, token] = True
+        if p.logprobs is not None:
+            req.logprobs += token_logprobs(raw, token, p.logprobs)
         self.lengths[slot] = T
         self.stats.prompt_tokens += T
         self._accept(slot, token.item())
@@ -346,6 +371,7 @@ class Engine:
             logits = self.native_step(self.last_token[:rows], positions)
         else:
             logits = self._decode_logits(self.last_token[:rows, None], positions, rows, span)
+        raw = logits
         params = [r.params for r in self.slots[:rows] if r is not None]
         use_penalty = any(p.repetition_penalty != 1 for p in params)
         if use_penalty:
@@ -360,6 +386,13 @@ class Engine:
             self.seen[torch.arange(rows, device=self.device), tokens] = True
         self.stats.decode_steps += 1
         host_tokens = tokens.tolist()  # the step's one read-back: tokens are streamed and checked
+        asking = [i for i in active if self.slots[i].params.logprobs is not None]
+        if asking:  # a second read-back, for these rows only
+            index = torch.tensor(asking, device=self.device)
+            top = max(self.slots[i].params.logprobs for i in asking)
+            for i, entry in zip(asking, token_logprobs(raw[index], tokens[index], top)):
+                entry.top = entry.top[:self.slots[i].params.logprobs]
+                self.slots[i].logprobs.append(entry)
         for i in active:
             self.lengths[i] += 1
             self._accept(i, host_tokens[i])
@@ -376,7 +409,7 @@ class Engine:
         stop_ids = self.default_stop_ids if p.stop_ids is None else p.stop_ids
         reason = None
         if token in stop_ids and not p.ignore_eos:
-            reason = "stop"
+            reason, req.stop_token = "stop", True
         elif len(req.output_ids) >= p.max_tokens or self.lengths[slot] >= self.max_len:
             reason = "length"
         delta = ""

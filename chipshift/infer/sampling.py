@@ -5,6 +5,11 @@ seed. Nothing here reads a value back to the host: choices that depend on the se
 (is anyone sampling at all? is anyone filtering?) are made by the caller from the Python
 settings it already holds.
 
+Log-probabilities (`logprobs`, `prompt_logprobs`) are those of the model's own
+distribution, the log-softmax of the raw logits, before repetition penalty, temperature
+and top-k/top-p (as vLLM returns them by default): they describe the model, whatever
+settings a request samples with. Rows that ask for none cost nothing.
+
 Seeded sampling uses the Gumbel-max trick with counter-based noise: the uniform numbers of
 row r at step s are a hash of (seed_r, s, token id), so a request draws the same tokens
 whatever else shares its batch, on every device, with no generator state to carry.
@@ -19,6 +24,8 @@ import torch
 from chipshift.errors import ChipshiftError
 
 _MASK32 = 0xFFFFFFFF
+# The most alternatives a token's log-probability may come with (OpenAI's chat limit).
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass
@@ -34,6 +41,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # strings that end the output (not included in it)
     stop_ids: tuple[int, ...] | None = None  # token ids that end it; None: the tokenizer's
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
+    logprobs: int | None = None  # None: off; k: each new token's log-probability and the k likeliest
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (the first has none)
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
@@ -46,6 +55,10 @@ class SamplingParams:
             raise ChipshiftError(f"top_p = {self.top_p}: must be in (0, 1]")
         if self.repetition_penalty <= 0:
             raise ChipshiftError(f"repetition_penalty = {self.repetition_penalty}: must be > 0")
+        for key in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, key)
+            if k is not None and (not isinstance(k, int) or not 0 <= k <= MAX_TOP_LOGPROBS):
+                raise ChipshiftError(f"{key} = {k!r}: must be None or an integer in [0, {MAX_TOP_LOGPROBS}]")
 
     @property
     def greedy(self) -> bool:
@@ -54,6 +67,26 @@ class SamplingParams:
     @property
     def filters(self) -> bool:
         return not self.greedy and (self.top_k > 0 or self.top_p < 1)
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model and the `top` likeliest tokens at its
+    position, (token id, log-probability) in descending order."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """Per row of logits (rows, vocab): the log-softmax at `chosen` (rows,) and the `top`
+    likeliest entries. One read-back to the host."""
+    logp = torch.log_softmax(logits.float(), -1)
+    picked = logp.gather(-1, chosen[:, None])[:, 0]
+    values, ids = logp.topk(top, -1) if top else (picked[:, None][:, :0], chosen[:, None][:, :0])
+    picked, values, ids, chosen = (t.tolist() for t in (picked, values, ids, chosen))
+    return [TokenLogprob(c, p, list(zip(i, v))) for c, p, i, v in zip(chosen, picked, ids, values)]
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,18 @@ server-sent events, exactly as OpenAI sends them: `data: {json}` blocks, then
 
 Requests are validated by hand so that every mistake gets an OpenAI-style error
 (`{"error": {"message", "type", "param", "code"}}`) with a 4xx status naming the field;
-parameters chipshift does not implement are refused by name rather than ignored. With an
+parameters chipshift does not implement are refused by name rather than ignored.
+
+Log-probabilities: /v1/completions takes `logprobs` (0..5 alternatives, OpenAI's limit) and
+`echo` (the prompt comes back before the completion, with its tokens' log-probabilities when
+`logprobs` is set; the first token has none); /v1/chat/completions takes `logprobs` (a
+boolean) and `top_logprobs` (0..20). They are the model's own log-softmax, before repetition
+penalty, temperature and top-k/top-p (see chipshift.infer.sampling). There is one entry per
+generated token but for a final stop token (whose text is not shown either); when a stop
+string ends the output, the tokens that spelled it keep their entries. Streamed, a chunk
+carries the entries of the tokens generated since the previous chunk, so that the chunks'
+entries joined are the non-streamed response's. A log-probability below -9999 is reported
+as -9999 (as OpenAI does; JSON has no infinity). With an
 API key, every route but /health and the static page needs `Authorization: Bearer KEY`
 (the page itself asks for the key and sends it with its API calls).
 """
@@ -14,6 +25,7 @@ API key, every route but /health and the static page needs `Authorization: Beare
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import math
 import secrets
@@ -29,10 +41,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chipshift.errors import ChipshiftError
 from chipshift.infer.engine import TTFT_BUCKETS, Engine, Request
-from chipshift.infer.sampling import SamplingParams
+from chipshift.infer.sampling import MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob
 
 # Parameters of the OpenAI API that chipshift does not implement: refused, not ignored.
-UNSUPPORTED = {"logprobs", "top_logprobs", "echo", "best_of", "suffix", "logit_bias", "tools",
+UNSUPPORTED = {"best_of", "suffix", "logit_bias", "tools",
                "tool_choice", "functions", "function_call", "response_format", "parallel_tool_calls",
                "audio", "modalities", "prediction", "reasoning_effort", "web_search_options"}
 # Accepted and without effect on a single local model.
@@ -40,8 +52,12 @@ IGNORED = {"user", "metadata", "store", "service_tier"}
 # top_k, repetition_penalty and ignore_eos are extensions (named as vLLM names them).
 COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop",
           "stream", "stream_options", "n", "presence_penalty", "frequency_penalty", "ignore_eos"}
-COMPLETION_FIELDS = COMMON | {"prompt"}
-CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens"}
+COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo"}
+CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
+# The most alternatives per token /v1/completions returns (OpenAI's limit; chat allows 20).
+MAX_COMPLETION_LOGPROBS = 5
+# The lowest log-probability reported (OpenAI's floor; JSON has no -Infinity).
+LOGPROB_FLOOR = -9999.0
 ROLES = ("system", "user", "assistant")
 
 
@@ -77,6 +93,34 @@ def _integer(body: dict, key: str, default: int | None) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise APIError(400, f"'{key}' must be an integer, got {json.dumps(value)[:40]}", key)
     return value
+
+
+def _boolean(body: dict, key: str) -> bool:
+    value = body.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise APIError(400, f"'{key}' must be a boolean, got {json.dumps(value)[:40]}", key)
+    return value
+
+
+def _count(body: dict, key: str, hi: int) -> int | None:
+    value = _integer(body, key, None)
+    if value is not None and not 0 <= value <= hi:
+        raise APIError(400, f"'{key}' = {value} is out of range [0, {hi}]", key)
+    return value
+
+
+def logprob_settings(body: dict, chat: bool) -> tuple[int | None, bool]:
+    """(alternatives per token, or None for no log-probabilities; echo the prompt)."""
+    if not chat:
+        return _count(body, "logprobs", MAX_COMPLETION_LOGPROBS), _boolean(body, "echo")
+    top = _count(body, "top_logprobs", MAX_TOP_LOGPROBS)
+    if not _boolean(body, "logprobs"):
+        if top is not None:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return None, False
+    return top or 0, False
 
 
 def parse_body(raw: bytes, allowed: set[str]) -> dict:
@@ -135,11 +179,7 @@ def sampling_from(body: dict, engine: Engine, default_max_tokens: int | None, pr
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     if top_p <= 0:
         raise APIError(400, "'top_p' must be greater than 0", "top_p")
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise APIError(400, "'stream' must be a boolean", "stream")
+    stream = _boolean(body, "stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or set(options) - {"include_usage"} or \
             not isinstance(options.get("include_usage", False), bool):
@@ -147,11 +187,8 @@ def sampling_from(body: dict, engine: Engine, default_max_tokens: int | None, pr
                        "stream_options")
     if body.get("stream_options") and not stream:
         raise APIError(400, "'stream_options' is only allowed with 'stream': true", "stream_options")
-    ignore_eos = body.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):
-        raise APIError(400, "'ignore_eos' must be a boolean", "ignore_eos")
     params = SamplingParams(
-        max_tokens=max_tokens, ignore_eos=ignore_eos,
+        max_tokens=max_tokens, ignore_eos=_boolean(body, "ignore_eos"),
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_k=top_k, top_p=top_p,
         repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.01, 10.0),
@@ -312,6 +349,59 @@ class Relay:
         self.loop.call_soon(self.sent.set)
 
 
+def _floor(logprob: float) -> float:
+    return max(logprob, LOGPROB_FLOOR)
+
+
+class LogprobWriter:
+    """Log-probability entries as the OpenAI API spells them: a completion's `tokens`,
+    `token_logprobs`, `top_logprobs` (the alternatives and the chosen token) and
+    `text_offset`, or chat's `content` list. Keeps the running character offset across a
+    stream's chunks. A token's string is its text; a token that holds a piece of a UTF-8
+    character is spelled `bytes:\\xe4\\xb8` as OpenAI spells it (chat's `bytes` holds the
+    piece too)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.offset = 0
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def _token(self, token_id: int) -> tuple[str, bytes]:
+        if self.tokenizer is None:  # then the server returns no text either: offsets stay 0
+            return f"token_id:{token_id}", b""
+        raw = self.tokenizer.token_bytes(token_id)
+        try:
+            return raw.decode("utf-8"), raw
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), raw
+
+    def completion(self, ids: list[int], entries: list[TokenLogprob | None]) -> dict:
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token_id, entry in zip(ids, entries):
+            text, raw = self._token(token_id)
+            shown = self._utf8.decode(raw)  # a whole token's text comes after any replaced pieces
+            out["tokens"].append(text)
+            out["text_offset"].append(self.offset + len(shown) - len(text) if shown.endswith(text) else self.offset)
+            self.offset += len(shown)
+            if entry is None:  # a prompt's first token: nothing came before it
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            out["token_logprobs"].append(_floor(entry.logprob))
+            top = {self._token(t)[0]: _floor(lp) for t, lp in entry.top}
+            top.setdefault(text, _floor(entry.logprob))
+            out["top_logprobs"].append(top)
+        return out
+
+    def chat(self, entries: list[TokenLogprob]) -> dict:
+        def item(token_id: int, logprob: float) -> dict:
+            text, raw = self._token(token_id)
+            return {"token": text, "logprob": _floor(logprob), "bytes": list(raw)}
+
+        content = [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]
+        return {"content": content, "refusal": None}
+
+
 class _AuthAndCount:
     """API-key check and request counting as plain ASGI middleware. (Starlette's
     `@app.middleware("http")` passes every streamed chunk through an extra task and memory
@@ -393,7 +483,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         check_model(body, model_name)
         ids = completion_prompt(body, engine)
         params, stream, usage = sampling_from(body, engine, 16, len(ids))
-        return await run(ids, params, stream, usage, chat=False)
+        params.logprobs, echo = logprob_settings(body, chat=False)
+        params.prompt_logprobs = params.logprobs if echo else None
+        return await run(ids, params, stream, usage, chat=False, echo=echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
@@ -402,14 +494,17 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         ids = chat_prompt(body, engine)
         params, stream, usage = sampling_from(body, engine, default_max_tokens, len(ids),
                                               max_key="max_completion_tokens")
+        params.logprobs, _ = logprob_settings(body, chat=True)
         return await run(ids, params, stream, usage, chat=True)
 
-    async def run(ids: list[int], params: SamplingParams, stream: bool, include_usage: bool, chat: bool):
+    async def run(ids: list[int], params: SamplingParams, stream: bool, include_usage: bool, chat: bool,
+                  echo: bool = False):
         relay.loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
         def on_update(req: Request, delta: str, finished: bool) -> None:
-            relay.put(queue, (delta, finished))
+            # with the count of tokens whose log-probabilities this update may release
+            relay.put(queue, (delta, finished, len(req.output_ids) - req.stop_token))
 
         req = Request(ids, params, on_update=on_update)
         try:
@@ -427,6 +522,21 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         def finish_reason() -> str:
             return "length" if req.finish_reason == "length" else "stop"
 
+        writer = None if params.logprobs is None else LogprobWriter(engine.tokenizer)
+        prompt_text = engine.tokenizer.decode(ids) if echo and engine.tokenizer is not None else ""
+        sent = 0  # output tokens whose log-probabilities have gone out
+
+        def logprobs(upto: int, prompt: bool = False) -> dict | None:
+            """The entries of the output tokens sent..upto (or of the prompt), as rendered."""
+            nonlocal sent
+            if writer is None:
+                return None
+            if prompt:
+                return writer.completion(ids, req.prompt_logprobs)
+            start, sent = sent, max(sent, upto)
+            entries = req.logprobs[start:upto]
+            return writer.chat(entries) if chat else writer.completion(req.output_ids[start:upto], entries)
+
         if not stream:
             try:
                 while not (await queue.get())[1]:
@@ -435,19 +545,27 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                 req.cancel()  # no effect once finished; frees the slot if the client went away
             if req.finish_reason == "error":
                 return error_response(500, f"generation failed: {req.error}", type_="server_error")
+            shown = len(req.output_ids) - req.stop_token
             if chat:
                 choice = {"index": 0, "message": {"role": "assistant", "content": req.text},
-                          "logprobs": None, "finish_reason": finish_reason()}
+                          "logprobs": logprobs(shown), "finish_reason": finish_reason()}
                 return {**base, "object": "chat.completion", "choices": [choice], "usage": usage()}
-            choice = {"index": 0, "text": req.text, "logprobs": None, "finish_reason": finish_reason()}
+            rendered = logprobs(0, prompt=True) if echo else None
+            if rendered is not None:  # the prompt's entries, then the completion's
+                generated = logprobs(shown)
+                rendered = {key: value + generated[key] for key, value in rendered.items()}
+            else:
+                rendered = logprobs(shown)
+            choice = {"index": 0, "text": prompt_text + req.text, "logprobs": rendered,
+                      "finish_reason": finish_reason()}
             return {**base, "choices": [choice], "usage": usage()}
 
-        def chunk(delta: str | None, reason: str | None) -> str:
+        def chunk(delta: str | None, reason: str | None, upto: int, prompt: bool = False) -> str:
             if chat:
                 d = {} if delta is None else {"content": delta}
-                choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": reason}
+                choice = {"index": 0, "delta": d, "logprobs": logprobs(upto), "finish_reason": reason}
             else:
-                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": reason}
+                choice = {"index": 0, "text": delta or "", "logprobs": logprobs(upto, prompt), "finish_reason": reason}
             payload = {**base, "choices": [choice]}
             if include_usage:
                 payload["usage"] = None
@@ -461,10 +579,14 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                     if include_usage:
                         first["usage"] = None
                     yield f"data: {json.dumps(first)}\n\n"
+                upto, echo_pending = 0, echo
                 while True:
-                    delta, finished = await queue.get()
+                    delta, finished, upto = await queue.get()
+                    if echo_pending:  # the prompt first: its log-probabilities are known once an update came
+                        yield chunk(prompt_text, None, 0, prompt=True)
+                        echo_pending = False
                     if delta:
-                        yield chunk(delta, None)
+                        yield chunk(delta, None, upto)
                     if finished:
                         break
                 if req.finish_reason == "error":
@@ -472,7 +594,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                                      "param": None, "code": None}}
                     yield f"data: {json.dumps(err)}\n\n"
                 else:
-                    yield chunk(None, finish_reason())
+                    yield chunk(None, finish_reason(), upto)
                     if include_usage:
                         yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage()})}\n\n"
                 yield "data: [DONE]\n\n"

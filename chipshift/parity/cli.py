@@ -1,9 +1,10 @@
-"""`chipshift parity dump | compare | handoff | train`."""
+"""`chipshift parity dump | compare | handoff | train | serve-check`."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -132,6 +133,27 @@ def register(sub) -> None:
     t.add_argument("--loss-warn", type=float, help="warn when a step's losses differ by more than this")
     t.set_defaults(func=run_train)
 
+    s = psub.add_parser("serve-check", help="the serving engine's log-probabilities against the training "
+                                            "forward's; exit 1 on failure",
+                        description="Generate greedily from a few prompts with the inference engine on --device "
+                                    "in --dtype, each alone and all batched together, recording every prompt "
+                                    "and generated token's log-probability; run the training model "
+                                    "teacher-forced over the same tokens in the same dtype on "
+                                    "--reference-device; report max and mean |difference| and the share of "
+                                    "greedy tokens that agree, per request, against the dtype's thresholds "
+                                    "(docs/parity.md).")
+    s.add_argument("checkpoint", help="chipshift checkpoint directory")
+    s.add_argument("--device", help="the engine's device (default: auto-detected)")
+    s.add_argument("--dtype", help="the engine's dtype (default: as `chipshift serve` picks it)")
+    s.add_argument("--reference-device", help="where the training forward runs (default: the engine's device)")
+    s.add_argument("--max-tokens", type=int, default=16, help="tokens generated per prompt (default 16)")
+    s.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    g = s.add_argument_group("thresholds (all three, or none for the dtype's defaults)")
+    g.add_argument("--max-abs", type=float, help="fail above this |difference| of a token's log-probability")
+    g.add_argument("--mean-abs", type=float, help="fail above this mean |difference| of a request")
+    g.add_argument("--min-agreement", type=float, help="fail below this share of agreeing greedy tokens")
+    s.set_defaults(func=run_serve_check)
+
 
 def run_dump(args) -> int:
     out = dump_checkpoint(args.checkpoint, args.out, device=args.device, dtype=args.dtype, **_dump_kwargs(args))
@@ -187,4 +209,20 @@ def run_train(args) -> int:
     print(f"verdict: {report['verdict'].upper()}: max relative loss difference {loss['max_rel_diff']:.3g} over "
           f"{args.steps} steps (tolerance {loss['tolerance']:g}, {report['rule_dtype']})")
     print(f"report: {Path(args.out) / 'report.md'}")
+    return 1 if report["verdict"] == "fail" else 0
+
+
+def run_serve_check(args) -> int:
+    from chipshift.parity.serve_check import ServeThresholds, serve_check
+
+    given = [args.max_abs, args.mean_abs, args.min_agreement]
+    if any(v is not None for v in given) and not all(v is not None for v in given):
+        raise ChipshiftError("--max-abs, --mean-abs and --min-agreement go together (or none of them)")
+    if args.max_tokens < 1:
+        raise ChipshiftError(f"--max-tokens = {args.max_tokens}: must be at least 1")
+    report = serve_check(args.checkpoint, args.device, args.dtype, reference_device=args.reference_device,
+                         max_tokens=args.max_tokens, thresholds=ServeThresholds(*given) if given[0] is not None
+                         else None)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     return 1 if report["verdict"] == "fail" else 0

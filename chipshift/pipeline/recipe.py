@@ -31,7 +31,7 @@ KIND_KEYS: dict[str, dict[str, type]] = {
     "sft": {**{s: dict for s in TRAIN_SECTIONS if s != "model"}, "sft": dict, "lora": dict},
     "dpo": {**{s: dict for s in TRAIN_SECTIONS if s != "model"}, "dpo": dict, "lora": dict},
     "eval": {"identity": bool, "preference": bool, "pairs": int, "prompts": list, "max_new_tokens": int},
-    "serve": {"prompts": list, "max_tokens": int, "max_batch": int},
+    "serve": {"prompts": list, "max_tokens": int, "max_batch": int, "check": bool},
     "export": {"format": str, "check_transformers": bool, "prompt": str, "max_new_tokens": int},
 }
 STAGE_DEFAULTS: dict[str, dict] = {
@@ -41,7 +41,7 @@ STAGE_DEFAULTS: dict[str, dict] = {
     "eval": {"identity": True, "preference": True, "pairs": 24, "max_new_tokens": 24,
              "prompts": ["Who are you?", "What is the capital of France?", "你好，你是谁？"]},
     "serve": {"prompts": ["Who are you?", "Who made you?", "Tell me about the Union."], "max_tokens": 32,
-              "max_batch": 4},
+              "max_batch": 4, "check": True},
     "export": {"format": "hf", "check_transformers": True, "prompt": "What is the capital of France?",
                "max_new_tokens": 16},
 }

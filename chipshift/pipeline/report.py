@@ -98,8 +98,8 @@ def _stage_rows(stages: dict) -> list[list[str]]:
 
 
 def _highlights(stages: dict) -> list[str]:
-    """The figures a reader looks for first: did every loss fall, did the handoffs pass, did
-    post-training move the measured accuracies."""
+    """The figures a reader looks for first: did every loss fall, did the handoffs pass, does
+    the server compute what the trainer does, did post-training move the measured accuracies."""
     out = []
     losses = []
     for name, rec in stages.items():
@@ -115,6 +115,11 @@ def _highlights(stages: dict) -> list[str]:
             r = rec["result"]
             out.append(f"Handoff {rec['from_stage']} → {rec['to_stage']} ({r['from']} → {r['to']}): "
                        f"{r['verdict'].upper()}")
+        check = (rec.get("result") or {}).get("check") if rec.get("kind") == "serve" else None
+        if check:
+            from chipshift.parity.serve_check import summary  # torch: only when there is a check
+
+            out.append(f"Serving engine vs training forward ({name}): {summary(check)}")
     evals = [(n, rec["result"]["metrics"]) for n, rec in stages.items()
              if rec.get("kind") == "eval" and rec.get("status") == "done"]
     if len(evals) >= 2:

@@ -239,13 +239,22 @@ def run_eval(ctx: Context, st: Stage) -> EvalResult:
 
 
 def run_serve(ctx: Context, st: Stage) -> ServeResult:
-    """`chipshift serve` in a subprocess on 127.0.0.1 (a free port), a few chat requests
+    """With `check`, first the trainer-to-server check on the stage's device and dtype
+    (chipshift.parity.serve_check; a failure fails the stage, naming the requests); then
+    `chipshift serve` in a subprocess on 127.0.0.1 (a free port), a few chat requests
     through the official `openai` client, then the server is stopped."""
     import httpx
     from openai import OpenAI
 
+    from chipshift.parity.serve_check import serve_check, summary
+
     ckpt = ctx.model_of(st)
     device, dtype = resolved_target(st.device, st.dtype)
+    check = None
+    if st.settings["check"]:
+        check = serve_check(ckpt, device, dtype, log=lambda line: print("  " + line, flush=True))
+        if check["verdict"] == "fail":
+            raise ChipshiftError(f"{summary(check)}; failing: {' | '.join(check['failures'])}")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -285,7 +294,7 @@ def run_serve(ctx: Context, st: Stage) -> ServeResult:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    return ServeResult(samples=answers,
+    return ServeResult(samples=answers, check=check,
                        metrics={"requests": len(answers), "completion_tokens": tokens,
                                 "tokens_per_s": tokens / seconds if seconds else None, "port": port},
                        command=f"chipshift chat {ckpt}    (or: chipshift serve {ckpt})")

@@ -66,6 +66,7 @@ class EvalResult(StageResult):
 @dataclass(kw_only=True)
 class ServeResult(EvalResult):
     command: str  # how to use the model, for the report
+    check: dict | None = None  # the trainer-to-server check's report (chipshift.parity.serve_check)
 
 
 @dataclass(kw_only=True)

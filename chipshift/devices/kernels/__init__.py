@@ -324,13 +324,14 @@ class DecodeStep:
             raise ValueError(f"{rows} rows: this decode step takes at most {self.max_rows}")
         return self._run(tokens, positions, None, rows)
 
-    def prefill(self, slot: int, ids: torch.Tensor) -> torch.Tensor:
+    def prefill(self, slot: int, ids: torch.Tensor, all_rows: bool = False) -> torch.Tensor:
         """A prompt's tokens (int64 (T,), T <= max_rows) into cache slot `slot` at positions
-        0..T-1, attending causally; the last token's logits (1, vocab)."""
+        0..T-1, attending causally; the last token's logits (1, vocab), or with `all_rows`
+        every token's (T, vocab) (prompt log-probabilities)."""
         T = ids.shape[0]
         if T > self.max_prefill:
             raise ValueError(f"{T} tokens: this prefill takes at most {self.max_prefill}")
-        return self._run(ids, torch.arange(T), torch.full((T,), slot, dtype=torch.int64), 1)
+        return self._run(ids, torch.arange(T), torch.full((T,), slot, dtype=torch.int64), T if all_rows else 1)
 
     def _run(self, tokens, positions, slots, out_rows: int) -> torch.Tensor:
         tokens, positions = tokens.contiguous(), positions.contiguous()
