@@ -106,7 +106,7 @@ def test_the_probe_decides_at_one_line(monkeypatch, half, full, native):
     """Unpinned, the decision follows the measured matmul figures at EMULATED_BELOW: both
     outcomes, on any CPU, by faking the probe."""
     dev = policy(monkeypatch)
-    monkeypatch.setattr(dev, "peak_flops", lambda dtype: (full if dtype == torch.float32 else half, "fake"))
+    monkeypatch.setattr(dev, "half_probe", lambda dtype: (half, full))
     decision = dev.precision.half_native(torch.bfloat16)
     assert decision.value is native and decision.reason.startswith("probe:")
     assert dev.precision.compute_dtype().value == (torch.bfloat16 if native else torch.float32)
@@ -122,7 +122,7 @@ def test_float16_native_bfloat16_emulated(monkeypatch, kernels_off):
         pytest.skip(f"the bf16 kernel does not build here: {kernels.bf16_linear_status()}")
     dev = policy(monkeypatch, kernels_off=kernels_off)
     figures = {torch.float32: 243e9, torch.bfloat16: 155e9, torch.float16: 303e9}
-    monkeypatch.setattr(dev, "peak_flops", lambda dtype: (figures[dtype], "fake"))
+    monkeypatch.setattr(dev, "half_probe", lambda dtype: (figures[dtype], figures[torch.float32]))
     p = dev.precision
     assert not p.half_native(torch.bfloat16).value and p.half_native(torch.float16).value
     assert p.compute_dtype().value == torch.float32

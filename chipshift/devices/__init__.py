@@ -136,6 +136,27 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024
     return best
 
 
+_HALF_PROBE_CACHE: dict[str, tuple[float, float]] = {}
+
+
+def compare_matmul_flops(device: torch.device, dtypes: tuple[torch.dtype, ...], n: int = 256, rounds: int = 6,
+                         sync=lambda: None) -> list[float]:
+    """Best FLOP/s of an n x n matmul in each of `dtypes`, measured in turns (one burst of
+    each per round), so that every dtype meets the same slow phases of a shared machine."""
+    mats = [(torch.randn(n, n, device=device).to(d), torch.randn(n, n, device=device).to(d)) for d in dtypes]
+    outs = [torch.matmul(a, b) for a, b in mats]
+    sync()
+    best = [0.0] * len(dtypes)
+    for _ in range(rounds):
+        for i, ((a, b), out) in enumerate(zip(mats, outs)):
+            t0 = time.perf_counter()
+            for _ in range(2):
+                torch.matmul(a, b, out=out)
+            sync()
+            best[i] = max(best[i], 2 * 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
 @dataclass
 class Device:
     """One selected device and everything chipshift asks of it."""
@@ -278,6 +299,22 @@ class Device:
     @property
     def fused_adamw(self) -> bool:
         return self.backend.fused_adamw
+
+    def half_probe(self, dtype: torch.dtype) -> tuple[float, float]:
+        """(`dtype`'s, float32's) matmul FLOP/s on one thread, measured in turns: the ratio is
+        what a core's arithmetic gives, and one thread keeps it steady on a busy machine
+        (two threads measured bfloat16 at 0.45-1.14x float32 from one probe to the next on
+        an AVX512-BF16 CPU without AMX, one thread 0.49-0.60x). Once per process."""
+        key = f"{self}:{dtype}"
+        if key not in _HALF_PROBE_CACHE:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                half, full = compare_matmul_flops(self.torch_device, (dtype, torch.float32), sync=self.synchronize)
+            finally:
+                torch.set_num_threads(threads)
+            _HALF_PROBE_CACHE[key] = (half, full)
+        return _HALF_PROBE_CACHE[key]
 
     def peak_flops(self, dtype: torch.dtype | str = torch.bfloat16) -> tuple[float, str]:
         """Peak FLOP/s and where the figure comes from (catalogue or a measured probe)."""

@@ -113,11 +113,11 @@ class PrecisionPolicy:
             return Decision(True, f"{self.device.type} computes half precision in its own kernels")
         if self.half_pin != "auto":
             return Decision(self.half_pin == "native", f"pinned by {HALF_ENV}={self.half_pin}")
-        half, full = self.device.peak_flops(dtype)[0], self.device.peak_flops(torch.float32)[0]
+        half, full = self.device.half_probe(dtype)
         native = half >= EMULATED_BELOW * full
         return Decision(native, f"probe: {dtype_name(dtype)} matmul {half / 1e9:.3g} GFLOP/s against float32 "
-                                f"{full / 1e9:.3g}: {'native' if native else 'emulated'}, the line being "
-                                f"{EMULATED_BELOW}x float32")
+                                f"{full / 1e9:.3g} on one thread: {'native' if native else 'emulated'}, the line "
+                                f"being {EMULATED_BELOW}x float32")
 
     def cpu_kernel(self) -> Decision:
         """Whether chipshift's native CPU bfloat16 kernel (`devices.kernels`) can be used here."""
