@@ -67,6 +67,8 @@ def streams(seed: int = 0):
     ({"model": {"preset": "tiny", "num_kv_heads": 3}}, ["num_kv_heads"]),
     ({"optimizer": {}}, ["[optimizer]", "allowed"]),
     ({"run": {"parallel": "zero3"}}, ["run.parallel", "'zero3'", "ddp, fsdp"]),
+    ({"run": {"collective_timeout_s": 0}}, ["run.collective_timeout_s", "0", "> 0"]),
+    ({"run": {"collective_timeout_s": "1h"}}, ["run.collective_timeout_s", "'1h'", "float"]),
 ])
 def test_config_errors_name_key_value_and_allowed(raw, words):
     with pytest.raises(ConfigError) as exc:

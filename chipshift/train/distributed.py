@@ -13,12 +13,20 @@ Two layouts (`run.parallel`), the same results up to float rounding:
         reduce-scattered at the end of the last micro-batch's backward (the earlier ones
         accumulate unsharded, without communication). Checkpoints gather whole tensors
         (`full_tensor`) and restore by re-sharding them, so they do not depend on N.
+
+Ranks are global (over all nodes): rank 0 of the whole job is the one that writes. Every
+collective gives up after `run.collective_timeout_s`; a heartbeat in torchrun's store then
+tells which rank stopped answering (`Heartbeat`, `silent_ranks`), so a stopped or hung
+rank ends the job with a message naming it instead of a wait without end.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -30,6 +38,9 @@ from chipshift.devices import Device
 class World:
     rank: int = 0
     size: int = 1
+    restarted: bool = False  # an elastic restart of this torchrun job (see `init`)
+    generation: int = 0  # which process group of the job this is (1 = the first)
+    heartbeat: Heartbeat | None = None
 
     @property
     def is_main(self) -> bool:
@@ -40,20 +51,98 @@ class World:
         return self.size > 1
 
 
-def init(device: Device) -> World:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+HEARTBEAT_S = 1.0  # how often each rank says it is alive (a stopped process stops saying it)
+
+
+def init(device: Device, timeout_s: float = 600.0) -> World:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); every collective
+    gives up after `timeout_s` seconds. `World.restarted` says, the same on every rank,
+    whether torchrun started this group before in this job (an elastic restart: a worker
+    failed, or nodes joined or left)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     if size <= 1:
-        return World()
+        return World(restarted=restarted)
     if not dist.is_initialized():
         device.set_current()
-        dist.init_process_group(backend=device.collective)
-    return World(dist.get_rank(), dist.get_world_size())
+        dist.init_process_group(backend=device.collective, timeout=timedelta(seconds=timeout_s))
+    rank = dist.get_rank()
+    # a restart that only re-formed the group (nodes joined or left) leaves the restart count
+    # at 0 on the nodes whose workers did not fail; the store, which lives as long as the job,
+    # counts how many groups began, and every rank takes the largest answer
+    store = _store()
+    began = torch.tensor([float(restarted), store.add("chipshift/groups", 1) if rank == 0 else 0])
+    dist.all_reduce(began, op=dist.ReduceOp.MAX)
+    world = World(rank, dist.get_world_size(), restarted=bool(began[0] or began[1] > 1),
+                  generation=int(began[1]))
+    world.heartbeat = Heartbeat(store, world)
+    return world
 
 
 def shutdown(world: World) -> None:
+    if world.heartbeat is not None:
+        world.heartbeat.stop()
     if world.active and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _store() -> dist.TCPStore:
+    """A client of the store the process group was set up through (torchrun's, at
+    MASTER_ADDR:MASTER_PORT), with short waits: it serves only the heartbeat."""
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=10), wait_for_workers=False)
+
+
+def _beat_key(world: World, rank: int) -> str:
+    return f"chipshift/heartbeat/{world.generation}/{rank}"  # a restarted group counts afresh
+
+
+class Heartbeat:
+    """A daemon thread that adds 1 to this rank's counter in the store every HEARTBEAT_S.
+    The thread runs while the main thread waits in a collective or computes (both release
+    the GIL), and stops with the process: a counter that stands still names a rank that is
+    stopped (SIGSTOP), dead or frozen whole."""
+
+    def __init__(self, store: dist.TCPStore, world: World) -> None:
+        self.key, self._done, self._store = _beat_key(world, world.rank), threading.Event(), store
+        self._store.add(self.key, 1)
+        self._thread = threading.Thread(target=self._beat, name="chipshift-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._done.wait(HEARTBEAT_S):
+            try:
+                self._store.add(self.key, 1)
+            except Exception:  # the store's host is gone: the job is ending anyway
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+
+
+def silent_ranks(world: World, watch_s: float = 3 * HEARTBEAT_S) -> list[int]:
+    """The other ranks whose heartbeat did not move for `watch_s` seconds."""
+    try:
+        store = _store()
+        others = [r for r in range(world.size) if r != world.rank]
+        before = {r: store.add(_beat_key(world, r), 0) for r in others}
+        time.sleep(watch_s)
+        return [r for r in others if store.add(_beat_key(world, r), 0) == before[r]]
+    except Exception:  # no store to ask: nothing to name
+        return []
+
+
+def collective_failure(world: World, exc: BaseException, timeout_s: float, where: str) -> str | None:
+    """One line for a collective that failed because other ranks went silent (naming them,
+    and what this rank saw), or None when every other rank still has a heartbeat."""
+    silent = silent_ranks(world)
+    if not silent:
+        return None
+    who = f"rank {silent[0]}" if len(silent) == 1 else "ranks " + ", ".join(map(str, silent))
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return (f"{who} of {world.size} stopped responding (no heartbeat for {3 * HEARTBEAT_S:g} s: stopped, "
+            f"hung or dead); rank {world.rank} gave up {where} (run.collective_timeout_s = {timeout_s:g}): "
+            f"{first}")
 
 
 def shard(model: torch.nn.Module, device: Device, world: World,
