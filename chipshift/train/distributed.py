@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from chipshift.devices import Device
+from chipshift.errors import ChipshiftError
 
 
 @dataclass
@@ -52,6 +53,7 @@ class World:
 
 
 HEARTBEAT_S = 1.0  # how often each rank says it is alive (a stopped process stops saying it)
+STORE_WAIT_S = 5.0  # how long a question to the store may take before its holder counts as silent
 
 
 def init(device: Device, timeout_s: float = 600.0) -> World:
@@ -63,6 +65,10 @@ def init(device: Device, timeout_s: float = 600.0) -> World:
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     if size <= 1:
         return World(restarted=restarted)
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and _agent_store():
+        raise ChipshiftError("torchrun --max-restarts with the rendezvous store shared with the workers: a "
+                             "restarted group can read the addresses of the failed one and fail again (pytorch "
+                             "issue #135712); run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
     if not dist.is_initialized():
         device.set_current()
         dist.init_process_group(backend=device.collective, timeout=timedelta(seconds=timeout_s))
@@ -86,11 +92,16 @@ def shutdown(world: World) -> None:
         dist.destroy_process_group()
 
 
+def _agent_store() -> bool:
+    """Whether the store lives in torchrun's agent (else in the rank-0 worker)."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
 def _store() -> dist.TCPStore:
     """A client of the store the process group was set up through (torchrun's, at
     MASTER_ADDR:MASTER_PORT), with short waits: it serves only the heartbeat."""
     return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                         timeout=timedelta(seconds=10), wait_for_workers=False)
+                         timeout=timedelta(seconds=STORE_WAIT_S), wait_for_workers=False)
 
 
 def _beat_key(world: World, rank: int) -> str:
@@ -122,14 +133,23 @@ class Heartbeat:
 
 def silent_ranks(world: World, watch_s: float = 3 * HEARTBEAT_S) -> list[int]:
     """The other ranks whose heartbeat did not move for `watch_s` seconds."""
-    try:
+    others = [r for r in range(world.size) if r != world.rank]
+    answer: list[list[int]] = []
+
+    def ask() -> None:
         store = _store()
-        others = [r for r in range(world.size) if r != world.rank]
         before = {r: store.add(_beat_key(world, r), 0) for r in others}
         time.sleep(watch_s)
-        return [r for r in others if store.add(_beat_key(world, r), 0) == before[r]]
-    except Exception:  # no store to ask: nothing to name
-        return []
+        answer.append([r for r in others if store.add(_beat_key(world, r), 0) == before[r]])
+
+    # in a thread: a store held by a stopped process accepts the connection and never answers,
+    # whatever the client's timeout
+    asking = threading.Thread(target=ask, name="chipshift-silent-ranks", daemon=True)
+    asking.start()
+    asking.join(watch_s + STORE_WAIT_S)
+    if answer:
+        return answer[0]
+    return [0] if world.rank != 0 and not _agent_store() else []  # the store is rank 0's: silent with it
 
 
 def collective_failure(world: World, exc: BaseException, timeout_s: float, where: str) -> str | None:
