@@ -40,7 +40,6 @@ class World:
     rank: int = 0
     size: int = 1
     restarted: bool = False  # an elastic restart of this torchrun job (see `init`)
-    generation: int = 0  # which process group of the job this is (1 = the first)
     heartbeat: Heartbeat | None = None
 
     @property
@@ -59,8 +58,7 @@ STORE_WAIT_S = 5.0  # how long a question to the store may take before its holde
 def init(device: Device, timeout_s: float = 600.0) -> World:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); every collective
     gives up after `timeout_s` seconds. `World.restarted` says, the same on every rank,
-    whether torchrun started this group before in this job (an elastic restart: a worker
-    failed, or nodes joined or left)."""
+    whether torchrun restarted this group after a failure."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     if size <= 1:
@@ -72,16 +70,10 @@ def init(device: Device, timeout_s: float = 600.0) -> World:
     if not dist.is_initialized():
         device.set_current()
         dist.init_process_group(backend=device.collective, timeout=timedelta(seconds=timeout_s))
-    rank = dist.get_rank()
-    # a restart that only re-formed the group (nodes joined or left) leaves the restart count
-    # at 0 on the nodes whose workers did not fail; the store, which lives as long as the job,
-    # counts how many groups began, and every rank takes the largest answer
-    store = _store()
-    began = torch.tensor([float(restarted), store.add("chipshift/groups", 1) if rank == 0 else 0])
-    dist.all_reduce(began, op=dist.ReduceOp.MAX)
-    world = World(rank, dist.get_world_size(), restarted=bool(began[0] or began[1] > 1),
-                  generation=int(began[1]))
-    world.heartbeat = Heartbeat(store, world)
+    world = World(dist.get_rank(), dist.get_world_size())
+    # the agents of nodes whose own workers did not fail restart them with a count of 0
+    world.restarted = any_flag(restarted, world, device)
+    world.heartbeat = Heartbeat(_store(), world.rank)
     return world
 
 
@@ -104,8 +96,8 @@ def _store() -> dist.TCPStore:
                          timeout=timedelta(seconds=STORE_WAIT_S), wait_for_workers=False)
 
 
-def _beat_key(world: World, rank: int) -> str:
-    return f"chipshift/heartbeat/{world.generation}/{rank}"  # a restarted group counts afresh
+def _beat_key(rank: int) -> str:
+    return f"chipshift/heartbeat/{rank}"  # only its movement counts, not its value
 
 
 class Heartbeat:
@@ -114,8 +106,8 @@ class Heartbeat:
     the GIL), and stops with the process: a counter that stands still names a rank that is
     stopped (SIGSTOP), dead or frozen whole."""
 
-    def __init__(self, store: dist.TCPStore, world: World) -> None:
-        self.key, self._done, self._store = _beat_key(world, world.rank), threading.Event(), store
+    def __init__(self, store: dist.TCPStore, rank: int) -> None:
+        self.key, self._done, self._store = _beat_key(rank), threading.Event(), store
         self._store.add(self.key, 1)
         self._thread = threading.Thread(target=self._beat, name="chipshift-heartbeat", daemon=True)
         self._thread.start()
@@ -138,9 +130,9 @@ def silent_ranks(world: World, watch_s: float = 3 * HEARTBEAT_S) -> list[int]:
 
     def ask() -> None:
         store = _store()
-        before = {r: store.add(_beat_key(world, r), 0) for r in others}
+        before = {r: store.add(_beat_key(r), 0) for r in others}
         time.sleep(watch_s)
-        answer.append([r for r in others if store.add(_beat_key(world, r), 0) == before[r]])
+        answer.append([r for r in others if store.add(_beat_key(r), 0) == before[r]])
 
     # in a thread: a store held by a stopped process accepts the connection and never answers,
     # whatever the client's timeout
@@ -252,11 +244,12 @@ def all_mean(values: torch.Tensor, world: World) -> torch.Tensor:
     return values
 
 
-def any_flag(flag: bool, world: World) -> bool:
-    """True on every rank when any rank raised the flag."""
+def any_flag(flag: bool, world: World, device: Device | None = None) -> bool:
+    """True on every rank when any rank raised the flag (`device`: where the collective
+    takes its tensors, when not the CPU)."""
     if not world.active:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
+    t = torch.tensor([1.0 if flag else 0.0], device=device.torch_device if device else None)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
