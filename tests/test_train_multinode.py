@@ -7,6 +7,7 @@ goes from 2 nodes to 1 and back. Every agent runs in its own session and is kill
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from chipshift.devices import get_device
 from chipshift.errors import ChipshiftError, ConfigError
 from chipshift.model.checkpoint import read_sidecar, verify_checkpoint
 from chipshift.model.config import preset
@@ -33,7 +35,10 @@ NODE_ENV = {**ENV, "GLOO_SOCKET_IFNAME": "lo"}  # the collective's sockets stay 
 # then lives in the rank-0 worker, not in torchrun's agent
 RESTARTABLE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 TOLERANCE = 1e-5  # relative per-step loss, as in the single-node torchrun tests
-STEPS = 14  # write_config's run: batch 4 x 32 tokens, a checkpoint every 2 steps
+# write_config's run (batch 4 x 32 tokens), longer: a kill or a stop must land before its end
+# also where a step takes 20 ms (a checkpoint's fsyncs take 10-30 times that)
+STEPS, EVERY = 40, 4
+RUN = {"train__steps": STEPS, "train__ckpt_every": EVERY, "train__keep_last": STEPS // EVERY}
 
 
 def free_port() -> int:
@@ -135,7 +140,7 @@ def assert_same_weights_within_tolerance(run_dir: Path, reference: Path) -> None
 def reference(tmp_path_factory, data_dir):  # noqa: F811
     """One process, never interrupted: the curve every layout below must follow."""
     root = tmp_path_factory.mktemp("reference")
-    done = pretrain(write_config(root / "one.toml", data_dir, root / "one", micro_batch=None))
+    done = pretrain(write_config(root / "one.toml", data_dir, root / "one", micro_batch=None, **RUN))
     assert done.returncode == 0, done.stderr[-2000:]
     return root / "one"
 
@@ -158,6 +163,16 @@ def test_which_checkpoint_a_run_resumes_from(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
     with pytest.raises(ConfigError, match="holds checkpoints already .*step_00000006.*--resume"):
         checkpoint_to_resume(tmp_path, False, fresh)
+
+
+def test_restarts_with_a_shared_rendezvous_store_are_refused(monkeypatch):
+    """torchrun --max-restarts, store shared with the workers: refused before joining the group."""
+    launched = {"WORLD_SIZE": "2", "TORCHELASTIC_MAX_RESTARTS": "1", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    for key, value in launched.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ChipshiftError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        distributed.init(get_device("cpu"))
+    assert not torch.distributed.is_initialized()
 
 
 def test_silent_rank_is_named_in_one_line(monkeypatch):
@@ -187,7 +202,7 @@ def test_two_nodes_match_one_process_write_once_and_resume_with_one(tmp_path, da
     each agent is given its own run.out, so the one global rank 1 must leave empty shows that
     every checkpoint is written once, by global rank 0 (not by each node's local rank 0)."""
     cfg = write_config(tmp_path / "two.toml", data_dir, tmp_path / "unused", micro_batch=micro_batch,
-                       run__parallel=parallel, train__keep_last=10)
+                       run__parallel=parallel, **RUN)
     outs = [tmp_path / "node_a", tmp_path / "node_b"]
     with Nodes(tmp_path, [[cfg, "--out", out] for out in outs]) as nodes:
         assert nodes.wait() == [0, 0], nodes.output()[-3000:]
@@ -197,7 +212,7 @@ def test_two_nodes_match_one_process_write_once_and_resume_with_one(tmp_path, da
     assert not (silent / "checkpoints").exists() and not (silent / "metrics.jsonl").exists()
     run = written[0]
     checkpoints = list_checkpoints(run)
-    assert [c.name for c in checkpoints] == [f"step_{s:08d}" for s in range(2, STEPS + 1, 2)]
+    assert [c.name for c in checkpoints] == [f"step_{s:08d}" for s in range(EVERY, STEPS + 1, EVERY)]
     for c in checkpoints:
         verify_checkpoint(c)
         assert read_sidecar(c)["meta"]["world_size"] == 2
@@ -206,13 +221,13 @@ def test_two_nodes_match_one_process_write_once_and_resume_with_one(tmp_path, da
     if parallel == "fsdp":
         assert "parallel: fsdp (FSDP2), parameters, gradients and AdamW moments sharded over 2" in nodes.output()
 
-    # resumable at any world size: one process continues from the 2-node checkpoint of step 8
-    for c in checkpoints[4:]:
+    # resumable at any world size: one process continues from the 2-node checkpoint of step 20
+    for c in checkpoints[5:]:
         shutil.rmtree(c)
     resumed = pretrain(cfg, "--out", run, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from" in resumed.stdout and "step_00000008" in resumed.stdout
-    assert_follows(run, reference, range(9, STEPS + 1))
+    assert "resumed from" in resumed.stdout and "step_00000020" in resumed.stdout
+    assert_follows(run, reference, range(21, STEPS + 1))
     assert_same_weights_within_tolerance(run, reference)
 
 
@@ -222,22 +237,24 @@ def test_killed_worker_is_restarted_and_ends_bit_identical(tmp_path, data_dir): 
     group, the restarted workers resume from the newest checkpoint by themselves, and the job
     ends with the weights, optimizer state and per-step losses of an uninterrupted run."""
     def job(name: str, restarts: int) -> tuple[Path, Nodes]:
-        cfg = write_config(tmp_path / f"{name}.toml", data_dir, tmp_path / name)
+        cfg = write_config(tmp_path / f"{name}.toml", data_dir, tmp_path / name, **RUN)
         return tmp_path / name, Nodes(tmp_path, [[cfg], [cfg]], max_restarts=restarts, env=RESTARTABLE)
 
     ref, nodes = job("uninterrupted", 0)
     with nodes:
         assert nodes.wait() == [0, 0], nodes.output()[-3000:]
     run, nodes = job("killed", 1)
-    kill_at, victim = random.Random().randint(2, 10), random.Random().choice([0, 1])
+    kill_at, victim = random.Random().randint(EVERY, STEPS // 2), random.Random().choice([0, 1])
     with nodes:
         nodes.wait_for_checkpoint(run, kill_at)
         time.sleep(random.uniform(0, 0.3))  # land somewhere inside a later step
         os.kill(nodes.all_workers()[victim], signal.SIGKILL)
         assert nodes.wait() == [0, 0], nodes.output()[-3000:]
         out = nodes.output()
-    print(f"killed rank {victim} after the checkpoint of step >= {kill_at}")
-    assert "after an elastic restart" in out, out[-3000:]
+    resumed = re.search(r"resumed from \S+step_(\d+) .* after an elastic restart", out)
+    print(f"killed rank {victim} after the checkpoint of step >= {kill_at}; "
+          f"resumed from step {int(resumed[1]) if resumed else None}")
+    assert resumed and int(resumed[1]) < STEPS, out[-3000:]  # the kill landed inside the run
     (wa, sa), (wb, sb) = final_state(ref), final_state(run)
     assert wa.keys() == wb.keys() and sa.keys() == sb.keys()
     assert [k for k in wa if not torch.equal(wa[k], wb[k])] == [], f"weights differ after a kill at step >= {kill_at}"
@@ -285,21 +302,21 @@ def test_stopped_worker_ends_the_job_naming_its_rank(tmp_path, data_dir):  # noq
 
 @pytest.mark.slow
 def test_two_nodes_to_one_and_back_continue_the_curve(tmp_path, data_dir, reference):  # noqa: F811
-    """2 nodes until a checkpoint of step >= 4, then 1 process for 4 more steps, then 2 nodes
+    """2 nodes until a checkpoint of step >= 8, then 1 process for 8 more steps, then 2 nodes
     to the end: the same global batch (4 sequences: 2 nodes x micro-batch 2, or 1 process x 2
     accumulated micro-batches of 2), the same data cursor and learning rate per step, and the
     one-process curve within the tolerance."""
     run = tmp_path / "resized"
-    cfg = write_config(tmp_path / "resize.toml", data_dir, run, train__keep_last=10)
+    cfg = write_config(tmp_path / "resize.toml", data_dir, run, **RUN)
     with Nodes(tmp_path, [[cfg], [cfg]]) as nodes:
-        nodes.wait_for_checkpoint(run, 4)
+        nodes.wait_for_checkpoint(run, 8)
     handover = int(list_checkpoints(run)[-1].name.split("_")[1])
-    assert handover + 4 < STEPS
+    assert handover + 8 < STEPS
     one = subprocess.Popen([sys.executable, "-m", "chipshift", "pretrain", str(cfg), "--resume", "--no-progress"],
                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            start_new_session=True)
     try:
-        wait_for_checkpoint(run, handover + 4, [one], lambda: "")
+        wait_for_checkpoint(run, handover + 8, [one], lambda: "")
     finally:
         kill_job(one)
         log = one.stdout.read()
