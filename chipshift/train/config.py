@@ -46,8 +46,9 @@ class RunConfig:
     # gradients and optimizer state over the processes with FSDP2 ("fsdp")
     parallel: str = "ddp"
     # under torchrun: a collective that waits longer than this ends the run, naming the rank
-    # that stopped answering; it must exceed the longest checkpoint write and evaluation
-    collective_timeout_s: float = 600.0
+    # that stopped answering; it must exceed the longest wait of a healthy run (a checkpoint
+    # write, an evaluation, a first compiled step); 1800 is torch's own default
+    collective_timeout_s: float = 1800.0
 
 
 @dataclass

@@ -15,9 +15,10 @@ Two layouts (`run.parallel`), the same results up to float rounding:
         (`full_tensor`) and restore by re-sharding them, so they do not depend on N.
 
 Ranks are global (over all nodes): rank 0 of the whole job is the one that writes. Every
-collective gives up after `run.collective_timeout_s`; a heartbeat in torchrun's store then
-tells which rank stopped answering (`Heartbeat`, `silent_ranks`), so a stopped or hung
-rank ends the job with a message naming it instead of a wait without end.
+collective gives up after `run.collective_timeout_s`; a heartbeat in the store the group was
+set up through (torchrun's agent's, or rank 0's) then tells which rank stopped answering
+(`Heartbeat`, `silent_ranks`), so a stopped or hung rank ends the job with a message naming
+it instead of a wait without end.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ HEARTBEAT_S = 1.0  # how often each rank says it is alive (a stopped process sto
 STORE_WAIT_S = 5.0  # how long a question to the store may take before its holder counts as silent
 
 
-def init(device: Device, timeout_s: float = 600.0) -> World:
+def init(device: Device, timeout_s: float = 1800.0) -> World:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); every collective
     gives up after `timeout_s` seconds. `World.restarted` says, the same on every rank,
     whether torchrun restarted this group after a failure."""
@@ -67,13 +68,15 @@ def init(device: Device, timeout_s: float = 600.0) -> World:
         raise ChipshiftError("torchrun --max-restarts with the rendezvous store shared with the workers: a "
                              "restarted group can read the addresses of the failed one and fail again (pytorch "
                              "issue #135712); run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
-    if not dist.is_initialized():
+    joining = not dist.is_initialized()  # else a caller joined (SFT/DPO set up before the loop)
+    if joining:
         device.set_current()
         dist.init_process_group(backend=device.collective, timeout=timedelta(seconds=timeout_s))
     world = World(dist.get_rank(), dist.get_world_size())
     # the agents of nodes whose own workers did not fail restart them with a count of 0
     world.restarted = any_flag(restarted, world, device)
-    world.heartbeat = Heartbeat(_store(), world.rank)
+    if joining:
+        world.heartbeat = Heartbeat(_store(), world.rank)
     return world
 
 
@@ -90,8 +93,8 @@ def _agent_store() -> bool:
 
 
 def _store() -> dist.TCPStore:
-    """A client of the store the process group was set up through (torchrun's, at
-    MASTER_ADDR:MASTER_PORT), with short waits: it serves only the heartbeat."""
+    """A client of the store the process group was set up through (at MASTER_ADDR:MASTER_PORT),
+    with short waits: it serves only the heartbeat."""
     return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                          timeout=timedelta(seconds=STORE_WAIT_S), wait_for_workers=False)
 

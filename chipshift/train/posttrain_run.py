@@ -177,7 +177,7 @@ def run_posttrain(cfg: PostTrainConfig, *, resume: bool | str = False, force: bo
                     "to it)")
     run_dir = Path(tcfg.run.out)
     device = get_device(tcfg.run.device)
-    world = distributed.init(device)
+    world = distributed.init(device, tcfg.run.collective_timeout_s)
     try:
         evaluation = {}
         if world.is_main and post.evaluate:
