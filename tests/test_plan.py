@@ -4,6 +4,7 @@ arithmetic, the acceptance commands, and clear errors for bad input."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ from chipshift.model import flops, memory
 from chipshift.model.checkpoint import save_checkpoint
 from chipshift.model.config import ModelConfig, preset
 from chipshift.model.transformer import build_model
-from chipshift.plan.estimate import make_plan, require_fit, resolve_chip, resolve_chip_key, resolve_model
+from chipshift.plan.estimate import (make_plan, poisson_quantile, require_fit, resolve_chip, resolve_chip_key,
+                                     resolve_model)
 from chipshift.plan.report import TAGS
 
 LLAMA3_8B = ModelConfig(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
@@ -149,6 +151,29 @@ def test_plan_figures_all_name_a_source():
     assert plan.fits == "FSDP/ZeRO-3"
 
 
+def test_nodes_failures_and_checkpoint_interval():
+    plan = make_plan(resolve_model(params=7e9), 2e12, resolve_chip("ascend-910b"), count=1024)
+    f = plan.figures
+    assert f["nodes"].value == 128 and f["chips_per_node"].source.startswith("assumed")
+    assert f["failure_rate"].value == pytest.approx(0.474, abs=1e-3) and "Llama 3" in f["failure_rate"].source
+    mtbf_h = 24_000 / (f["failure_rate"].value * 1024)
+    assert f["job_mtbf_hours"].value == pytest.approx(mtbf_h)
+    assert f["expected_failures"].value == pytest.approx(f["wall_days"].value * 24 / mtbf_h)
+    assert f["checkpoint_bytes"].value == 12 * 7e9 and f["checkpoint_write_s"].value == pytest.approx(42)
+    young = math.sqrt(2 * 42 * mtbf_h * 3600) / 60
+    assert f["checkpoint_interval_min"].value == pytest.approx(young)
+    # Poisson(3.53): P(N <= 8) < 0.99 <= P(N <= 9)
+    assert f["max_restarts"].value == 9 == poisson_quantile(f["expected_failures"].value)
+    lost = f["expected_failures"].value * (5 * 60 + 42 + young * 30) + f["wall_days"].value * 86400 / (young * 60) * 42
+    assert f["time_lost_hours"].value == pytest.approx(lost / 3600)
+    # given figures replace the assumed ones; no failures, no restarts
+    calm = make_plan(resolve_model(params=7e9), 2e12, resolve_chip("h100"), count=16, chips_per_node=4,
+                     failure_rate=0, checkpoint_gbps=10).figures
+    assert calm["nodes"].value == 4 and calm["failure_rate"].source == "given"
+    assert calm["expected_failures"].value == 0 and calm["max_restarts"].value == 0
+    assert calm["checkpoint_interval_min"].value == pytest.approx(calm["wall_days"].value * 24 * 60)
+
+
 # -- the command -------------------------------------------------------------------------
 
 def test_acceptance_single_chip(capsys):
@@ -156,6 +181,8 @@ def test_acceptance_single_chip(capsys):
     out = capsys.readouterr().out
     assert "1024 x ascend-910b" in out and "datasheet (estimate)" in out and "assumed" in out
     assert "FSDP/ZeRO-3 + act. ckpt" in out and "verdict: fits" in out
+    assert "nodes, failures and checkpoints" in out and "Young's interval" in out
+    assert "torchrun --nnodes 128 --nproc-per-node 8 --rdzv-backend c10d" in out and "--max-restarts 9" in out
     assert main(["plan", "--params", "7e9", "--tokens", "2e12", "--chip", "h100", "--count", "8", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["chip"]["key"] == "h100-sxm" and data["figures"]["chips"]["value"] == 8
@@ -179,6 +206,7 @@ def test_acceptance_compare(tmp_path, capsys):
     (["--params", "1e20", "--chip", "h100"], "--params"),
     (["--params", "7e9", "--chip", "h100", "--mfu", "1.5"], "--mfu"),
     (["--params", "7e9", "--chip", "h100", "--count", "0"], "--count"),
+    (["--params", "7e9", "--chip", "h100", "--failure-rate=-1"], "--failure-rate = -1: must be between"),
     (["--params", "7e9", "--chip", "h100", "--count", "1"], "GB more than the 72.0 GB usable; it fits on 2"),
     (["--params", "7e9", "--chip", "h100", "--seq-len", "2000000"], "no chip count fits"),
     (["--chip", "h100"], "describe the model"),

@@ -68,6 +68,8 @@ def streams(seed: int = 0):
     ({"optimizer": {}}, ["[optimizer]", "allowed"]),
     ({"run": {"parallel": "zero3"}}, ["run.parallel", "'zero3'", "ddp, fsdp"]),
     ({"run": {"compile": "yes"}}, ["run.compile", "'yes'", "auto, on, off"]),
+    ({"run": {"collective_timeout_s": 0}}, ["run.collective_timeout_s", "0", "> 0"]),
+    ({"run": {"collective_timeout_s": "1h"}}, ["run.collective_timeout_s", "'1h'", "float"]),
 ])
 def test_config_errors_name_key_value_and_allowed(raw, words):
     with pytest.raises(ConfigError) as exc:

@@ -2,6 +2,7 @@
 two torchrun processes, replicated (ddp) or sharded (fsdp), follow the one-process loss curve
 and resume with one process."""
 
+import contextlib
 import json
 import os
 import random
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,6 +75,30 @@ def per_step(run_dir, key="loss"):
             if key in r}
 
 
+def children(pid):
+    """The pids of a process's children (Linux /proc)."""
+    try:
+        return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    except OSError:  # gone already
+        return []
+
+
+def kill_job(proc):
+    """SIGKILL a launcher and every process under it. torchrun starts each worker in a session
+    of its own, which a kill of the launcher's process group does not reach; the launcher is
+    stopped first, so that it starts no worker while they are looked up."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGSTOP)
+        stack, found = [proc.pid], []
+        while stack:
+            found.append(stack.pop())
+            stack += children(found[-1])
+        for pid in reversed(found):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
 def kill_after_checkpoint(cmd, run_dir, min_step):
     """Start `cmd`, SIGKILL its whole process group once a checkpoint >= min_step exists."""
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -82,8 +108,7 @@ def kill_after_checkpoint(cmd, run_dir, min_step):
         done = [int(p.name.split("_")[1]) for p in list_checkpoints(run_dir)]
         if done and max(done) >= min_step:
             time.sleep(random.uniform(0, 0.3))  # land somewhere inside a later step
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_job(proc)
             return
         time.sleep(0.02)
     raise AssertionError(f"run ended or stalled before step {min_step}: {proc.stderr.read()[-2000:]}")

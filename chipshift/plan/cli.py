@@ -36,6 +36,7 @@ PLAN_EPILOG = """examples:
   chipshift plan --params 7e9 --tokens 2e12 --compare h100,h800,h20,ascend-910b,ascend-910c
   chipshift plan --model smollm2-135m --tokens 2T --chip bench.json --price-per-hour 2.5
   chipshift plan --layers 32 --hidden 4096 --vocab 128256 --tokens 15T --chip h100 --days 30
+  chipshift plan --params 70e9 --tokens 15T --chip h100 --count 2048 --failure-rate 1 --checkpoint-gbps 20
 
 Every figure names its source: given, datasheet (official|estimate) from
 chipshift/devices/chips.toml, measured (a `chipshift bench` JSON), assumed (a default
@@ -71,6 +72,13 @@ def register(sub) -> None:
     c.add_argument("--usable-memory", type=float, help="share of chip memory tensors may use (default 0.9)")
     c.add_argument("--attention", choices=("flash", "math"), default="flash",
                    help="attention kernel for the activation count: fused (flash) or math (stores S x S)")
+    r = p.add_argument_group("nodes, failures and checkpoints")
+    r.add_argument("--chips-per-node", type=_integer, help="chips in one server, one torchrun agent each (default 8)")
+    r.add_argument("--failure-rate", type=float, help="job-stopping failures per 1000 chip-days (default 0.47, "
+                                                      "Llama 3's on H100)")
+    r.add_argument("--checkpoint-gbps", type=float, help="GB/s from the writing rank to storage (default 2)")
+    r.add_argument("--restart-minutes", type=float, help="minutes from a failure to running workers, before "
+                                                         "reading the checkpoint (default 5)")
     e = p.add_argument_group("cost and energy")
     e.add_argument("--price-per-hour", type=float, help="price of one chip-hour, for the cost")
     e.add_argument("--power-w", type=float, help="board power per chip in W (default: the catalogue's)")
@@ -90,7 +98,9 @@ def run_plan(args) -> int:
     names = [args.chip] if args.chip else [c.strip() for c in args.compare.split(",") if c.strip()]
     plans = [make_plan(model, args.tokens, resolve_chip(name, args.mfu), count=args.count, days=args.days,
                        micro_batch=args.micro_batch, usable=args.usable_memory,
-                       price_per_hour=args.price_per_hour, power_w=args.power_w, attention=args.attention)
+                       price_per_hour=args.price_per_hour, power_w=args.power_w, attention=args.attention,
+                       chips_per_node=args.chips_per_node, failure_rate=args.failure_rate,
+                       checkpoint_gbps=args.checkpoint_gbps, restart_minutes=args.restart_minutes)
              for name in names]
     if args.chip:
         require_fit(plans[0])

@@ -32,6 +32,13 @@ DEFAULT_DAYS = 30
 HIDDEN_PER_LAYER = 128
 MAX_PARAMS = 1e14  # 100T parameters: beyond any model trained so far by ~50x
 MAX_TOKENS = 1e16
+# failures: Llama 3's pre-training saw 419 unexpected interruptions in 54 days on 16,384 H100
+# (Llama 3 paper, section 3.3.4), 0.47 per 1000 GPU-days
+DEFAULT_FAILURE_RATE = 419 / (54 * 16384) * 1000
+DEFAULT_CHIPS_PER_NODE = 8  # HGX/DGX H100, Atlas 800T A2 (910B), MI300X platform servers
+DEFAULT_CHECKPOINT_GBPS = 2.0  # one writer (global rank 0) to shared storage
+DEFAULT_RESTART_MINUTES = 5.0  # notice the failure, re-rendezvous, start the workers, build the model
+CHECKPOINT_BYTES_PER_PARAM = 12  # chipshift's training checkpoint: fp32 weights + two fp32 AdamW moments
 
 
 @dataclass
@@ -278,7 +285,8 @@ class Plan:
 def make_plan(model: ModelSpec, tokens: float, chip: ChipSpec, *, count: int | None = None,
               days: float | None = None, micro_batch: int | None = None, usable: float | None = None,
               price_per_hour: float | None = None, power_w: float | None = None,
-              attention: str = "flash") -> Plan:
+              attention: str = "flash", chips_per_node: int | None = None, failure_rate: float | None = None,
+              checkpoint_gbps: float | None = None, restart_minutes: float | None = None) -> Plan:
     _check_range("--tokens", tokens, 1, MAX_TOKENS)
     _check_range("--count", count, 1, 1 << 20)
     _check_range("--days", days, 1e-3, 1e5)
@@ -286,6 +294,10 @@ def make_plan(model: ModelSpec, tokens: float, chip: ChipSpec, *, count: int | N
     _check_range("--usable-memory", usable, 0.05, 1.0)
     _check_range("--price-per-hour", price_per_hour, 0, 1e6)
     _check_range("--power-w", power_w, 1, 1e5)
+    _check_range("--chips-per-node", chips_per_node, 1, 1024)
+    _check_range("--failure-rate", failure_rate, 0, 1e4)
+    _check_range("--checkpoint-gbps", checkpoint_gbps, 1e-3, 1e5)
+    _check_range("--restart-minutes", restart_minutes, 0, 1e4)
     cfg, seq = model.cfg, int(model.seq_len.value)
     n, n_mm = float(model.n_params.value), float(model.n_matmul.value)
     prec = memory.PRECISIONS[chip.precision]
@@ -343,12 +355,86 @@ def make_plan(model: ModelSpec, tokens: float, chip: ChipSpec, *, count: int | N
         f["price_per_chip_hour"] = Figure(price_per_hour, "$/chip-hour", "given")
         f["cost"] = Figure(chip_seconds / 3600 * price_per_hour, "$", "derived: chip-hours x price")
 
+    f.update(failure_figures(n, c, f["wall_days"].value, tokens, chips_per_node, failure_rate, checkpoint_gbps,
+                             restart_minutes))
+
     mem_rows = [(m, smallest[(key, m.checkpointing)]) for m, key in
                 zip(rows_at(c), [s for s in memory.STRATEGIES for _ in (False, True)])]
     fitting = [m for m, _ in mem_rows if m.total <= usable_bytes.value]
     fits = fitting[0].label if fitting else None
     shortfall = 0.0 if fitting else min(m.total for m, _ in mem_rows) - usable_bytes.value
     return Plan(model, chip, tokens, n_chips, f, mem_rows, usable_bytes, fits, shortfall, mb)
+
+
+def _given_or(value: float | None, default: float, unit: str, assumption: str) -> Figure:
+    return Figure(value, unit, "given") if value is not None else Figure(default, unit, f"assumed: {assumption}")
+
+
+def poisson_quantile(mean: float, p: float = 0.99) -> int:
+    """The smallest k with P(N <= k) >= p for N ~ Poisson(mean)."""
+    k, term = 0, math.exp(-mean) if mean < 700 else 0.0
+    if term == 0.0:  # too many failures for the sum: the normal approximation
+        return math.ceil(mean + 2.33 * math.sqrt(mean))
+    total = term
+    while total < p:
+        k += 1
+        term *= mean / k
+        total += term
+    return k
+
+
+def failure_figures(n_params: float, chips: int, wall_days: float, tokens: float, chips_per_node: int | None,
+                    failure_rate: float | None, checkpoint_gbps: float | None,
+                    restart_minutes: float | None) -> dict[str, Figure]:
+    """Nodes, failures and checkpoints for a run of `wall_days` on `chips`: how many nodes
+    (torchrun agents), how often the job fails, how often to checkpoint (Young's interval)
+    and the time lost to writing checkpoints and to restarts (first order: failures that
+    the lost time itself brings are not counted)."""
+    f = {}
+    per_node = _given_or(chips_per_node, DEFAULT_CHIPS_PER_NODE, "chips",
+                         f"{DEFAULT_CHIPS_PER_NODE} per server, as HGX H100 or Atlas 800T (set --chips-per-node)")
+    f["chips_per_node"] = per_node
+    f["nodes"] = Figure(math.ceil(chips / per_node.value), "nodes",
+                        "derived: ceil(chips / chips per node), one torchrun agent each")
+    rate = _given_or(failure_rate, DEFAULT_FAILURE_RATE, "per 1000 chip-days",
+                     "Llama 3's 419 unexpected interruptions in 54 days on 16,384 H100 (Llama 3 paper, "
+                     "section 3.3.4); other chips and sites differ (set --failure-rate)")
+    f["failure_rate"] = rate
+    mtbf_h = math.inf if rate.value == 0 else 24_000 / (rate.value * chips)
+    f["job_mtbf_hours"] = Figure(mtbf_h, "hours", "derived: 24,000 / (failure rate x chips): any chip's "
+                                                  "failure stops the whole job")
+    wall_h = wall_days * 24
+    failures = wall_h / mtbf_h
+    f["expected_failures"] = Figure(failures, "failures", "derived: wall-clock hours / job MTBF")
+    f["max_restarts"] = Figure(poisson_quantile(failures), "restarts",
+                               "derived: 99th percentile of a Poisson count with that mean (torchrun --max-restarts)")
+    size = n_params * CHECKPOINT_BYTES_PER_PARAM
+    f["checkpoint_bytes"] = Figure(size, "bytes", f"derived: {CHECKPOINT_BYTES_PER_PARAM} bytes per parameter "
+                                                  f"(fp32 weights and two fp32 AdamW moments, whole tensors)")
+    bw = _given_or(checkpoint_gbps, DEFAULT_CHECKPOINT_GBPS, "GB/s",
+                   f"{DEFAULT_CHECKPOINT_GBPS:g} GB/s from the one writer (global rank 0) to shared storage, "
+                   f"and back when resuming (set --checkpoint-gbps)")
+    f["checkpoint_gbps"] = bw
+    write_s = size / (bw.value * 1e9)
+    f["checkpoint_write_s"] = Figure(write_s, "s", "derived: checkpoint bytes / bandwidth (training waits)")
+    interval_s = min(math.sqrt(2 * write_s * mtbf_h * 3600), wall_h * 3600)
+    f["checkpoint_interval_min"] = Figure(interval_s / 60, "min", "derived: Young's interval sqrt(2 x write time x "
+                                                                  "job MTBF), at most the whole run")
+    f["checkpoint_interval_tokens"] = Figure(tokens * interval_s / (wall_h * 3600), "tokens",
+                                             "derived: tokens trained in one interval (train.ckpt_every = "
+                                             "that / tokens per step)")
+    launch = _given_or(restart_minutes, DEFAULT_RESTART_MINUTES, "min",
+                       f"{DEFAULT_RESTART_MINUTES:g} min to notice a failure, re-rendezvous and start the "
+                       f"workers (set --restart-minutes)")
+    f["restart_launch_min"] = launch
+    restart_s = launch.value * 60 + write_s
+    f["restart_min"] = Figure(restart_s / 60, "min", "derived: launch + reading the checkpoint at the bandwidth")
+    lost_s = failures * (restart_s + interval_s / 2) + (wall_h * 3600 / interval_s) * write_s
+    f["time_lost_hours"] = Figure(lost_s / 3600, "hours", "derived: failures x (restart + half an interval "
+                                                          "recomputed) + checkpoints x write time")
+    f["time_lost_share"] = Figure(100 * lost_s / (wall_h * 3600), "% of wall-clock", "derived: time lost / "
+                                                                                     "wall-clock time")
+    return f
 
 
 def gb(x: float) -> str:

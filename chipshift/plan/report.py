@@ -71,6 +71,14 @@ FIGURE_LABELS = [
                ("chip_hours", "chip-hours"), ("chips", "chips"), ("wall_days", "wall-clock time")]),
     ("energy and cost", [("power_w", "board power"), ("energy_mwh", "energy"),
                          ("price_per_chip_hour", "price"), ("cost", "cost")]),
+    ("nodes, failures and checkpoints", [
+        ("chips_per_node", "chips per node"), ("nodes", "nodes"), ("failure_rate", "failure rate"),
+        ("job_mtbf_hours", "job MTBF"), ("expected_failures", "expected failures"),
+        ("max_restarts", "--max-restarts"), ("checkpoint_bytes", "checkpoint size"),
+        ("checkpoint_gbps", "storage bandwidth"), ("checkpoint_write_s", "checkpoint write"),
+        ("checkpoint_interval_min", "checkpoint every"), ("checkpoint_interval_tokens", "  that is"),
+        ("restart_launch_min", "restart launch"), ("restart_min", "restart, in all"),
+        ("time_lost_hours", "time lost"), ("time_lost_share", "  share")]),
 ]
 
 
@@ -112,6 +120,17 @@ def render_plan(plan: Plan) -> str:
                f"AdamW recipe assumed: {PRECISIONS[chip.precision].name}); activations = tensors autograd "
                f"keeps (derived, docs/plan.md); micro-batch {plan.micro_batch.source}; "
                f"chip memory {fmt(chip.memory_bytes)} {chip.memory_bytes.source}; usable {plan.usable_bytes.source}")
+    nodes, per_node = int(f["nodes"].value), int(f["chips_per_node"].value)
+    if nodes > 1:
+        out.append(f"\nlaunch, on each of the {nodes} nodes (docs/train.md): torchrun --nnodes {nodes} "
+                   f"--nproc-per-node {per_node} --rdzv-backend c10d --rdzv-endpoint NODE0:29500 "
+                   f"--max-restarts {int(f['max_restarts'].value)} -m chipshift pretrain CONFIG")
+        if plan.count.value % per_node:
+            out.append(f"  the last node would hold {int(plan.count.value) % per_node} chips: torchrun starts the same "
+                       f"--nproc-per-node on every node, so use a multiple of {per_node} chips")
+    else:
+        out.append(f"\nlaunch: one node, torchrun --standalone --nproc-per-node {int(plan.count.value)} "
+                   f"--max-restarts {int(f['max_restarts'].value)} -m chipshift pretrain CONFIG")
     verdict = (f"fits at {int(plan.count.value)} chips with {plan.fits}" if plan.fits else
                f"does not fit at {int(plan.count.value)} chips: short by {gb(plan.shortfall_bytes)} per chip")
     out.append(f"\nverdict: {verdict}")

@@ -11,6 +11,8 @@ EPILOG = """examples:
   chipshift pretrain recipes/pretrain_small.toml --set optim.lr=1e-3 --set train.steps=200
   chipshift pretrain recipes/pretrain_small.toml --resume          # continue after a stop or a crash
   torchrun --nproc-per-node 2 -m chipshift pretrain recipes/pretrain_small.toml
+  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST0:29500 --max-restarts 3 \
+      -m chipshift pretrain recipes/pretrain_small.toml          # on each node; docs/train.md
 """
 
 
@@ -30,11 +32,20 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="TOML config with [run] [model] [data] [optim] [train] sections")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in run.out whose checksums verify")
+    p.add_argument("--resume", nargs="?", const=True, default=False, type=_resume_mode,
+                   metavar="auto",
+                   help="continue from the newest checkpoint in run.out whose checksums verify; `--resume auto`: "
+                        "from it if there is one, else start afresh (a relaunched job). Elastic restarts under "
+                        "torchrun --max-restarts resume as `auto` by themselves")
     p.add_argument("--device", help="device to train on (same as --set run.device=...)")
     p.add_argument("--out", help="run directory (same as --set run.out=...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and metrics only)")
+
+
+def _resume_mode(text: str) -> str:
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"--resume takes no value or `auto`, not {text!r}")
+    return text
 
 
 def config_from_args(args):

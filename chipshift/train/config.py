@@ -1,7 +1,7 @@
 """The training config: TOML sections checked before any work starts.
 
     [run]    out, seed, device, dtype, precision, half_matmul_upcast, compile,
-             activation_checkpointing, attn_impl, parallel (ddp | fsdp)
+             activation_checkpointing, attn_impl, parallel (ddp | fsdp), collective_timeout_s
     [model]  preset and/or any `ModelConfig` field (explicit fields override the preset)
     [data]   dir, tokenizer, seq_len, batch_size (global, in sequences), micro_batch
     [optim]  lr, min_lr_ratio, weight_decay, beta1, beta2, eps, grad_clip, warmup_steps,
@@ -47,6 +47,10 @@ class RunConfig:
     # under torchrun: replicate the model and average gradients ("ddp"), or shard parameters,
     # gradients and optimizer state over the processes with FSDP2 ("fsdp")
     parallel: str = "ddp"
+    # under torchrun: a collective that waits longer than this ends the run, naming the rank
+    # that stopped answering; it must exceed the longest wait of a healthy run (a checkpoint
+    # write, an evaluation, a first compiled step); 1800 is torch's own default
+    collective_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -96,7 +100,7 @@ CHOICES = {
     "optim.fused": ("auto", "on", "off"),
 }
 POSITIVE = {"data.seq_len", "data.batch_size", "train.steps", "train.log_every", "train.keep_last",
-            "train.max_bad_steps", "optim.lr", "train.eval_batches"}
+            "train.max_bad_steps", "optim.lr", "train.eval_batches", "run.collective_timeout_s"}
 NON_NEGATIVE = {"data.micro_batch", "train.eval_every", "train.ckpt_every", "optim.weight_decay",
                 "optim.grad_clip", "optim.warmup_steps", "optim.eps", "run.seed", "train.max_minutes"}
 SWITCHES = {"run.compile"}  # on | off | auto, also written as TOML true / false

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -452,18 +453,46 @@ def pretrain_streams(cfg: TrainConfig, seq_len: int) -> tuple[TokenWindows, Toke
             tokenizer_dir, len(sample) / max(1, text_bytes) if text_bytes else None)
 
 
+def checkpoint_to_resume(run_dir: Path, resume: bool | str, world: distributed.World) -> tuple[Path, dict] | None:
+    """The checkpoint a run continues from, or None to start afresh.
+
+    resume=True   the newest valid checkpoint in run.out; an error when there is none
+    resume="auto" that checkpoint when there is one, else a fresh start
+    resume=False  a fresh start; but an elastic restart (torchrun --max-restarts brought the
+                  workers back, `World.restarted`) resumes as "auto", so a failed worker costs
+                  only the steps since the last checkpoint. A fresh run that torchrun may
+                  restart refuses a run.out that holds checkpoints already: its restart would
+                  continue from them."""
+    if resume is True:
+        found = state.latest_valid(run_dir)
+        if found is None:
+            raise ChipshiftError(f"--resume: no valid checkpoint under {state.checkpoint_dir(run_dir)}")
+        return found
+    if resume == "auto" or world.restarted:
+        return state.latest_valid(run_dir)
+    existing = state.list_checkpoints(run_dir)
+    if existing and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        raise ConfigError(f"run.out = {str(run_dir)!r} holds checkpoints already (newest {existing[-1].name}) and "
+                          f"torchrun may restart this run, which would then continue from them: choose an empty "
+                          f"run.out, or continue them with --resume (or --resume auto)")
+    return None
+
+
 def train(cfg: TrainConfig, objective: Objective | None = None, train_stream: Stream | None = None,
-          val_stream: Stream | None = None, *, resume: bool = False, model: Transformer | None = None,
+          val_stream: Stream | None = None, *, resume: bool | str = False, model: Transformer | None = None,
           tokenizer_dir: str | Path | None = None, bytes_per_token: float | None = None,
           progress: bool = True, log=print, device: Device | None = None) -> TrainResult:
-    """Run (or resume) a training run; see the module docstring. `device`: the Device the
-    caller already resolved from `cfg.run.device`, if any."""
+    """Run (or resume) a training run; see the module docstring and `checkpoint_to_resume`
+    for `resume` (True, "auto" or False). `device`: the Device the caller already resolved
+    from `cfg.run.device`, if any. A collective that fails because another rank stopped
+    answering (dead, stopped, hung) raises a ChipshiftError naming that rank."""
     objective = objective or LanguageModeling()
     run_dir = Path(cfg.run.out)
     device = device or get_device(cfg.run.device)
-    world = distributed.init(device)
+    world = distributed.init(device, cfg.run.collective_timeout_s)
+    trainer = None
     try:
-        model_cfg, found = None, None
+        model_cfg = None
         if train_stream is None:
             train_stream, val_stream, tokenizer_dir, tokens_per_byte = pretrain_streams(cfg, cfg.data.seq_len)
             bytes_per_token = 1 / tokens_per_byte if tokens_per_byte else None
@@ -471,13 +500,17 @@ def train(cfg: TrainConfig, objective: Objective | None = None, train_stream: St
             model_cfg = cfg.model_config(Tokenizer.load(tokenizer_dir).vocab_size)
         elif model is None:
             model_cfg = cfg.model_config()
-        if resume:
-            found = state.latest_valid(run_dir)
-            if found is None:
-                raise ChipshiftError(f"--resume: no valid checkpoint under {state.checkpoint_dir(run_dir)}")
+        found = checkpoint_to_resume(run_dir, resume, world)
         trainer = Trainer(cfg, objective, train_stream, val_stream, model=model, model_cfg=model_cfg,
                           device=device, world=world, log=log)
         return _run(trainer, run_dir, found, tokenizer_dir, bytes_per_token, progress)
+    except RuntimeError as exc:  # what a collective raises when its peer is gone or its wait timed out
+        where = f"at step {trainer.step}" if trainer is not None else "while setting up"
+        message = distributed.collective_failure(world, exc, cfg.run.collective_timeout_s, where) \
+            if world.active else None
+        if message is None:
+            raise
+        raise ChipshiftError(message) from exc
     finally:
         distributed.shutdown(world)
 
@@ -493,7 +526,12 @@ def _run(trainer: Trainer, run_dir: Path, resume_from, tokenizer_dir, bytes_per_
         trainer.restore(*resume_from)
         if world.is_main:
             state.truncate_jsonl(metrics.path, trainer.step)
-        log(f"resumed from {resume_from[0]} (step {trainer.step}, data cursor {trainer.cursor})")
+        log(f"resumed from {resume_from[0]} (step {trainer.step}, data cursor {trainer.cursor})"
+            + (" after an elastic restart" if world.restarted else ""))
+    elif world.restarted:
+        if world.is_main:
+            state.truncate_jsonl(metrics.path, -1)  # the failed attempt's records: all redone
+        log("elastic restart before the first checkpoint: starting afresh")
     if world.is_main:
         save_resolved(cfg, run_dir, {"resolved": {
             "model_config": trainer.model_cfg.to_dict(), "device": str(trainer.device),

@@ -151,7 +151,7 @@ def _evaluate(cfg: PostTrainConfig, model, tok, val_stream) -> dict:
     return preference_accuracy(model, val_stream) if val_stream else {}
 
 
-def run_posttrain(cfg: PostTrainConfig, *, resume: bool = False, force: bool = False,
+def run_posttrain(cfg: PostTrainConfig, *, resume: bool | str = False, force: bool = False,
                   progress: bool = True, log=print) -> tuple:
     """Set up and run one SFT or DPO run; returns (TrainResult, evaluation dict)."""
     from chipshift.data.tokenizer import Tokenizer
@@ -177,7 +177,7 @@ def run_posttrain(cfg: PostTrainConfig, *, resume: bool = False, force: bool = F
                     "to it)")
     run_dir = Path(tcfg.run.out)
     device = get_device(tcfg.run.device)
-    world = distributed.init(device)
+    world = distributed.init(device, tcfg.run.collective_timeout_s)
     try:
         evaluation = {}
         if world.is_main and post.evaluate:
