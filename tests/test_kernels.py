@@ -298,7 +298,7 @@ def test_engine_decodes_through_the_model_beyond_the_native_steps_rows(monkeypat
     calls = []
     step = engine.native_step
     engine.native_step = type("Counted", (), {"max_rows": step.max_rows, "max_prefill": step.max_prefill,
-                                              "prefill": lambda self, *a: step.prefill(*a),
+                                              "prefill": lambda self, *a, **k: step.prefill(*a, **k),
                                               "__call__": lambda self, *a: calls.append(len(a[0])) or step(*a)})()
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
     params = SamplingParams(max_tokens=6, ignore_eos=True)
