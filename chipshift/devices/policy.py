@@ -58,7 +58,8 @@ if TYPE_CHECKING:
 HALF_ENV = "CHIPSHIFT_HALF"
 KERNELS_ENV = "CHIPSHIFT_CPU_KERNELS"
 # torch.compile of a training step costs 10-20 s once with inductor's cache warm and up to
-# 90 s on a fresh machine (2-core CPU), then saves 10-45% of every step (docs/train.md).
+# 90 s on a fresh machine (2-core CPU), then saves up to a fifth of every step (the M shape
+# about 20%, S almost nothing: docs/train.md).
 # A run whose eager steps would take this long saves more than even a cold compile costs.
 COMPILE_MIN_SECONDS = 900
 # the eager MFU the run-length estimate assumes (measured on CPUs: S 53-62%, M 41-55%)
@@ -220,7 +221,7 @@ class PrecisionPolicy:
             return Decision(False, f"eager: {steps} steps, about {seconds / 60:.0f} min eager, shorter than the "
                                    f"{COMPILE_MIN_SECONDS // 60} min that pay back compiling (up to 90 s)")
         return Decision(True, f"compiled with inductor: {steps} steps, about {seconds / 60:.0f} min eager, pay "
-                              f"back compiling (10-90 s once, then 10-45% faster steps)")
+                              f"back compiling (10-90 s once, then up to 20% faster steps)")
 
     # -- inference ---------------------------------------------------------------------------
     def serving_dtype(self, override: str | None = None, compiled: bool = False) -> Decision:
