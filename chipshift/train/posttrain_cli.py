@@ -13,10 +13,10 @@ from chipshift.train.cli import add_common_arguments
 from chipshift.train.posttrain_run import load_posttrain_config, run_posttrain
 
 EPILOG = """examples:
-  chipshift {kind} recipes/{kind}_small.toml
-  chipshift {kind} recipes/{kind}_small.toml --set lora.enabled=true --set lora.rank=8
-  chipshift {kind} recipes/{kind}_small.toml --resume        # continue after a stop or a crash
-  torchrun --nproc-per-node 2 -m chipshift {kind} recipes/{kind}_small.toml
+  chipshift {kind} recipes/{recipe}.toml
+  chipshift {kind} recipes/{recipe}.toml --set lora.enabled=true --set lora.rank=8
+  chipshift {kind} recipes/{recipe}.toml --resume        # continue after a stop or a crash
+  torchrun --nproc-per-node 2 -m chipshift {kind} recipes/{recipe}.toml
 """
 
 HELP = {
@@ -44,8 +44,10 @@ HELP = {
 def register(sub) -> None:
     for kind, (short, description) in HELP.items():
         doc = (grpo_run if kind == "grpo" else posttrain_run).__doc__.split("\n\n", 2)[1]
+        recipe = "grpo_smollm2" if kind == "grpo" else f"{kind}_small"
         p = sub.add_parser(kind, help=short, description=description + "\n\n" + doc,
-                           epilog=EPILOG.format(kind=kind), formatter_class=argparse.RawDescriptionHelpFormatter)
+                           epilog=EPILOG.format(kind=kind, recipe=recipe),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         add_common_arguments(p)
         p.add_argument("--force", action="store_true",
                        help="start even if the init checkpoint's last verified handoff failed")
