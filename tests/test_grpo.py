@@ -98,6 +98,9 @@ def test_arithmetic_splits_are_disjoint_and_answers_exact():
     identity = Identity()
     assert not {p.prompt for p in identity.train} & {p.prompt for p in identity.val}
     assert build_task("arithmetic_tagged").rewards == ["tagged_answer_correct", "answer_tag"]
+    with pytest.raises(ConfigError, match="grpo.eval_problems = 500: 1-digit arithmetic holds only"):
+        Arithmetic(digits=1).held_out(500)
+    assert len(Arithmetic(digits=1).held_out(30)) == 30
     with pytest.raises(ConfigError, match="grpo.task = 'poetry'"):
         build_task("poetry")
 

@@ -108,6 +108,8 @@ def load_grpo_config(path: str | Path, overrides: list[str] = ()) -> GRPOConfig:
         raise ConfigError(f"data.seq_len = {train.data.seq_len}: must hold a prompt and grpo.max_new_tokens "
                           f"({g.max_new_tokens}) tokens")
     task = build_task(g.task, g.digits)
+    if g.evaluate:
+        task.held_out(g.eval_problems)  # enough of them, before any work
     reward_fns = [load_reward(spec) for spec in (g.rewards or task.rewards)]
     return GRPOConfig(train, g, lora, task, reward_fns)
 

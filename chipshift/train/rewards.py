@@ -107,13 +107,17 @@ class Arithmetic:
                 return problem
 
     def held_out(self, n: int) -> list[Problem]:
+        """The first n distinct held-out problems of a fixed draw (the same for every run)."""
         rng, seen, out = random.Random(f"arithmetic-{self.digits}-held-out"), set(), []
-        while len(out) < n:
+        for _ in range(100 * n + 10_000):  # one-digit operands hold only about 40
             problem, held_out = self._draw(rng)
             if held_out and problem.prompt not in seen:
                 seen.add(problem.prompt)
                 out.append(problem)
-        return out
+                if len(out) == n:
+                    return out
+        raise ConfigError(f"grpo.eval_problems = {n}: {self.digits}-digit arithmetic holds only {len(out)} "
+                          f"held-out problems; lower it or raise grpo.digits")
 
 
 class Identity:
