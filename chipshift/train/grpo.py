@@ -22,8 +22,9 @@ default: old_logp are the engine's log-probabilities of the sampled tokens (the 
 distribution, temperature 1), so the ratio is 1 up to the trainer-to-rollout numerical
 difference, which is logged (`logp_diff_max`), and the clip handles what half precision
 adds. With a sampling temperature other than 1 the completions come from the tempered
-distribution and the loss stays on the model's own: on-policy exactly at 1.0 only. A group whose rewards are all equal has zero advantages: it moves the policy only
-through the KL term, which has zero gradient where the policy equals the reference.
+distribution and the loss stays on the model's own: on-policy exactly at 1.0 only. A group
+whose rewards are all equal has zero advantages: it moves the policy only through the KL
+term, which has zero gradient where the policy equals the reference.
 
 The reference (beta > 0): with LoRA the base model itself (adapters switched off, no memory
 beyond the policy); full fine-tuning keeps a frozen copy of the init model. Its log-
