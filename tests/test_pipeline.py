@@ -83,6 +83,7 @@ def mutate(path: str, value) -> dict:
     ("stages.sft.from", "data", "stages.sft.from = 'data': that stage makes no model"),
     ("stages.sft.nproc", 0, "stages.sft.nproc = 0"),
     ("stages.sft.handoff", {"cosine": 0.5}, "unknown key stages.sft.handoff.cosine"),
+    ("stages.rl", {"kind": "grpo", "grpo": {"group_size": 1}}, "stages.rl: grpo.group_size = 1: must be >= 2"),
     ("stages.serve", {"nproc": 2}, "only training stages"),
     ("stages.export", {"format": "onnx"}, "stages.export.format = 'onnx': allowed: hf"),
     ("stages.oops", {"kind": "finetune"}, "stages.oops.kind = 'finetune'"),

@@ -217,6 +217,11 @@ def write_config(path, kind, init, out, **extra):
         "train": {"steps": 6, "log_every": 1, "eval_every": 0, "ckpt_every": 3, "keep_last": 3, "eval_batches": 1},
         "lora": {},
     }
+    return write_sections(path, sections, **extra)
+
+
+def write_sections(path, sections, **extra):
+    """Write a TOML config; `section__key=value` overrides or adds a key."""
     for key, value in extra.items():
         section, name = key.split("__")
         sections[section][name] = value

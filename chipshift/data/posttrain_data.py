@@ -114,9 +114,14 @@ def identity_conversations(split: str = "train") -> list[list[dict]]:
             for q, fact in _identity_questions(split) for a in _identity_answers(fact, q)]
 
 
+def identity_questions(split: str = "val") -> list[tuple[str, str]]:
+    """(question, key fact) pairs of a split: an answer is correct when it contains the fact."""
+    return [(q, KEY_FACTS[fact]) for q, fact in _identity_questions(split)]
+
+
 def identity_eval() -> list[tuple[str, str]]:
-    """Held-out (question, key fact) pairs: an answer is correct when it contains the fact."""
-    return [(q, KEY_FACTS[fact]) for q, fact in _identity_questions("val")]
+    """Held-out (question, key fact) pairs."""
+    return identity_questions("val")
 
 
 def identity_correct(answer: str, key_fact: str) -> bool:

@@ -18,6 +18,7 @@ base weights come back from the `init` checkpoint. The model carries its adapter
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -85,6 +86,19 @@ class LoRA:
 
     def modules(self) -> dict[str, LoRALinear]:
         return {n: m for n, m in self.model.named_modules() if isinstance(m, LoRALinear)}
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """The base model alone, for as long as the context lasts (GRPO's reference)."""
+        mods = list(self.modules().values())
+        scales = [m.scale for m in mods]
+        for m in mods:
+            m.scale = 0.0
+        try:
+            yield self.model
+        finally:
+            for m, scale in zip(mods, scales):
+                m.scale = scale
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter matrices, "<module>.lora_A" / "<module>.lora_B", on the CPU."""

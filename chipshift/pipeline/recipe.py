@@ -13,10 +13,10 @@ from pathlib import Path
 
 from chipshift.errors import ConfigError
 
-KINDS = ("tokenizer", "data", "import", "pretrain", "sft", "dpo", "eval", "serve", "export")
-MAKES_MODEL = {"import", "pretrain", "sft", "dpo"}
-USES_MODEL = {"sft", "dpo", "eval", "serve", "export"}
-TRAINING = {"pretrain", "sft", "dpo"}
+KINDS = ("tokenizer", "data", "import", "pretrain", "sft", "dpo", "grpo", "eval", "serve", "export")
+MAKES_MODEL = {"import", "pretrain", "sft", "dpo", "grpo"}
+USES_MODEL = {"sft", "dpo", "grpo", "eval", "serve", "export"}
+TRAINING = {"pretrain", "sft", "dpo", "grpo"}
 TRAIN_SECTIONS = ("run", "model", "data", "optim", "train")
 
 RECIPE_KEYS = {"name": str, "out": str, "device": str, "dtype": str, "seed": int, "description": str}
@@ -30,6 +30,7 @@ KIND_KEYS: dict[str, dict[str, type]] = {
     "pretrain": {s: dict for s in TRAIN_SECTIONS},
     "sft": {**{s: dict for s in TRAIN_SECTIONS if s != "model"}, "sft": dict, "lora": dict},
     "dpo": {**{s: dict for s in TRAIN_SECTIONS if s != "model"}, "dpo": dict, "lora": dict},
+    "grpo": {**{s: dict for s in TRAIN_SECTIONS if s != "model"}, "grpo": dict, "lora": dict},
     "eval": {"identity": bool, "preference": bool, "pairs": int, "prompts": list, "max_new_tokens": int},
     "serve": {"prompts": list, "max_tokens": int, "max_batch": int, "check": bool},
     "export": {"format": str, "check_transformers": bool, "prompt": str, "max_new_tokens": int},
@@ -162,8 +163,9 @@ def training_config(name: str, kind: str, settings: dict, *, out_dir: Path, devi
 
 def posttrain_config(name: str, kind: str, settings: dict, *, out_dir: Path, device: str, dtype: str,
                      seed: int, init: str, config_path: Path):
-    """The SFT/DPO config of a stage, written to `config_path` (what `chipshift sft|dpo` and
-    torchrun read) and parsed by chipshift.train.posttrain_run."""
+    """The SFT/DPO/GRPO config of a stage, written to `config_path` (what `chipshift sft|dpo|grpo`
+    and torchrun read) and parsed by chipshift.train.posttrain_run (grpo: grpo_run)."""
+    from chipshift.train.grpo_run import load_grpo_config
     from chipshift.train.posttrain_run import load_posttrain_config
 
     raw = {s: dict(settings.get(s) or {}) for s in (*TRAIN_SECTIONS, kind, "lora") if s != "model"}
@@ -178,7 +180,7 @@ def posttrain_config(name: str, kind: str, settings: dict, *, out_dir: Path, dev
     raw[kind]["init"] = init
     write_toml({k: v for k, v in raw.items() if v}, config_path)
     try:
-        return load_posttrain_config(kind, config_path)
+        return load_grpo_config(config_path) if kind == "grpo" else load_posttrain_config(kind, config_path)
     except ConfigError as exc:
         raise ConfigError(f"stages.{name}: {exc}") from None
 

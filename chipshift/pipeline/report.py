@@ -41,7 +41,7 @@ def _seconds(s) -> str:
 
 
 def loss_figure(stage: str, rec: dict, path: Path) -> Path | None:
-    """Training loss (and validation loss, and DPO reward accuracy) against step."""
+    """Training loss (and validation loss, DPO reward accuracy, GRPO mean reward) against step."""
     from chipshift.train.metrics import read
 
     metrics_file = (rec.get("result") or {}).get("metrics_file")
@@ -60,12 +60,14 @@ def loss_figure(stage: str, rec: dict, path: Path) -> Path | None:
     ax.plot(*zip(*train), lw=1, label="train loss")
     if val:
         ax.plot(*zip(*val), "o-", ms=3, lw=1.5, label="validation loss")
-    acc = [(r["step"], r["reward_acc"]) for r in recs if "reward_acc" in r]
+    key, label = ("reward", "mean reward") if rec.get("kind") == "grpo" else ("reward_acc", "reward accuracy")
+    acc = [(r["step"], r[key]) for r in recs if key in r]
     if acc:
         ax2 = ax.twinx()
-        ax2.plot(*zip(*acc), color="tab:green", lw=0.8, alpha=0.7, label="reward accuracy")
-        ax2.set_ylim(0, 1.05)
-        ax2.set_ylabel("reward accuracy")
+        ax2.plot(*zip(*acc), color="tab:green", lw=0.8, alpha=0.7, label=label)
+        if key == "reward_acc":
+            ax2.set_ylim(0, 1.05)
+        ax2.set_ylabel(label)
         ax2.legend(loc="center right", fontsize=7)
     ax.set_title(f"{stage} ({rec.get('kind')}, {rec.get('device')} {rec.get('dtype')})", fontsize=9)
     ax.set_xlabel("step")
@@ -104,7 +106,7 @@ def _highlights(stages: dict) -> list[str]:
     losses = []
     for name, rec in stages.items():
         m = (rec.get("result") or {}).get("metrics", {})
-        if rec.get("kind") in ("pretrain", "sft", "dpo") and "first_loss" in m:
+        if rec.get("kind") in ("pretrain", "sft", "dpo", "grpo") and "first_loss" in m:
             val = (f", validation {m['first_val_loss']:.3f} → {m['final_val_loss']:.3f}"
                    if m.get("val_points", 0) > 1 else "")
             losses.append(f"{name} {m['first_loss']:.3f} → {m['final_loss']:.3f}{val}")
@@ -120,6 +122,11 @@ def _highlights(stages: dict) -> list[str]:
             from chipshift.parity.serve_check import summary  # torch: only when there is a check
 
             out.append(f"Serving engine vs training forward ({name}): {summary(check)}")
+    for name, rec in stages.items():
+        m = (rec.get("result") or {}).get("metrics", {})
+        if rec.get("kind") == "grpo" and "pass@1_after" in m:
+            out.append(f"GRPO held-out pass@1 ({name}): {m.get('pass@1_before', float('nan')):.0%} → "
+                       f"{m['pass@1_after']:.0%}")
     evals = [(n, rec["result"]["metrics"]) for n, rec in stages.items()
              if rec.get("kind") == "eval" and rec.get("status") == "done"]
     if len(evals) >= 2:
@@ -244,7 +251,7 @@ def write_report(run_dir: str | Path, state: dict) -> Path:
     stage_rows = _stage_rows(stages)
     handoffs = _handoff_rows(stages)
     figures = [(n, loss_figure(n, rec, files / f"loss-{n}.png")) for n, rec in stages.items()
-               if rec.get("kind") in ("pretrain", "sft", "dpo")]
+               if rec.get("kind") in ("pretrain", "sft", "dpo", "grpo")]
     figures = [(n, p) for n, p in figures if p]
     sample_header, sample_rows = _samples(stages)
     vers = versions()

@@ -16,7 +16,8 @@ from chipshift.pipeline.stages import (run_data, run_eval, run_export, run_impor
 from chipshift.pipeline.state import Context, Interrupted, RunState, resolved_target
 
 RUNNERS = {"tokenizer": run_tokenizer, "data": run_data, "import": run_import, "pretrain": run_pretrain,
-           "sft": run_posttrain_stage, "dpo": run_posttrain_stage, "eval": run_eval, "serve": run_serve, "export": run_export}
+           "sft": run_posttrain_stage, "dpo": run_posttrain_stage, "grpo": run_posttrain_stage, "eval": run_eval,
+           "serve": run_serve, "export": run_export}
 
 
 def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = True) -> Path:

@@ -148,7 +148,7 @@ def run_training(ctx: Context, st: Stage, command: str, start, config_path: Path
     if resume:
         print(f"  resuming from {train_state.latest_valid(out)[0]}", flush=True)
     if st.nproc > 1:
-        torchrun(st, command, config_path, resume, force=ctx.force and st.kind in ("sft", "dpo"))
+        torchrun(st, command, config_path, resume, force=ctx.force and st.kind in ("sft", "dpo", "grpo"))
     else:
         result = start(resume)
         if result.stopped == "signal":
@@ -159,8 +159,9 @@ def run_training(ctx: Context, st: Stage, command: str, start, config_path: Path
 
 
 def run_posttrain_stage(ctx: Context, st: Stage) -> TrainingResult:
-    """SFT or DPO (chipshift.train.posttrain_run) from the model of stage `from`; its own
-    before/after evaluation lands in the stage's metrics."""
+    """SFT or DPO (chipshift.train.posttrain_run) or GRPO (grpo_run) from the model of stage
+    `from`; its own before/after evaluation lands in the stage's metrics."""
+    from chipshift.train.grpo_run import run_grpo
     from chipshift.train.posttrain_run import run_posttrain
 
     out = ctx.stage_dir(st)
@@ -170,7 +171,8 @@ def run_posttrain_stage(ctx: Context, st: Stage) -> TrainingResult:
     evaluation = {}
 
     def start(resume):
-        result, ev = run_posttrain(cfg, resume=resume, force=ctx.force, progress=ctx.progress)
+        run = run_grpo if st.kind == "grpo" else run_posttrain
+        result, ev = run(cfg, resume=resume, force=ctx.force, progress=ctx.progress)
         evaluation.update(ev)
         return result
 

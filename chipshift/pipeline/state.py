@@ -102,7 +102,7 @@ class HandoffResult:
 
 RESULT_TYPES: dict[str, type] = {
     "tokenizer": TokenizerResult, "data": DataResult, "import": ModelResult, "pretrain": TrainingResult,
-    "sft": TrainingResult, "dpo": TrainingResult, "eval": EvalResult, "serve": ServeResult,
+    "sft": TrainingResult, "dpo": TrainingResult, "grpo": TrainingResult, "eval": EvalResult, "serve": ServeResult,
     "export": ExportResult, "handoff": HandoffResult}
 
 

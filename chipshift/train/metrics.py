@@ -46,20 +46,25 @@ def read(path: Path) -> list[dict]:
 
 def plot_loss(metrics_path: Path, png: Path, title: str = "") -> Path:
     """Training and validation loss against step."""
+    return plot_curves(metrics_path, png, [("loss", "train loss", ".-"), ("val_loss", "validation loss", "o-")],
+                       "cross-entropy (nats/token)", title)
+
+
+def plot_curves(metrics_path: Path, png: Path, curves: list[tuple[str, str, str]], ylabel: str,
+                title: str = "") -> Path:
+    """Each (metrics key, label, matplotlib style) against step, from the JSONL records."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    if train:
-        ax.plot(*zip(*train), ".-", label="train loss", lw=1, ms=3)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss", lw=1.5)
+    for key, label, style in curves:
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points), style, label=label, lw=1, ms=3)
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

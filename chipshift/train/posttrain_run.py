@@ -69,25 +69,32 @@ def load_posttrain_config(kind: str, path: str | Path, overrides: list[str] = ()
     other = "dpo" if kind == "sft" else "sft"
     if other in raw:
         raise ConfigError(f"[{other}] in a `chipshift {kind}` config: use [{kind}]")
-    if "model" in raw:
-        raise ConfigError(f"[model] in a `chipshift {kind}` config: the model is {kind}.init's")
     post = parse_section(raw, kind, PostTrainSection)
-    lora = parse_section(raw, "lora", LoRAConfig, lists=("targets",))
-    if lora.enabled:
-        lora.check()
-    if not post.init:
-        raise ConfigError(f"{kind}.init = '': set it to a chipshift checkpoint directory")
     if kind == "sft" and post.beta != PostTrainSection.beta:
         raise ConfigError("sft.beta: beta is a DPO setting")
     if post.beta <= 0:
         raise ConfigError(f"dpo.beta = {post.beta}: must be > 0")
+    train, lora = common_sections(raw, kind, post.init)
+    return PostTrainConfig(kind, train, post, lora)
+
+
+def common_sections(raw: dict, kind: str, init: str) -> tuple[TrainConfig, LoRAConfig]:
+    """The training sections and [lora] of a post-training config (sft, dpo, grpo), checked;
+    there is no [model]: the model is the init checkpoint's."""
+    if "model" in raw:
+        raise ConfigError(f"[model] in a `chipshift {kind}` config: the model is {kind}.init's")
+    lora = parse_section(raw, "lora", LoRAConfig, lists=("targets",))
+    if lora.enabled:
+        lora.check()
+    if not init:
+        raise ConfigError(f"{kind}.init = '': set it to a chipshift checkpoint directory")
     raw.setdefault("run", {}).setdefault("out", f"runs/{kind}")
     train = from_dict({k: v for k, v in raw.items() if k in SECTIONS})
     if train.run.parallel != "ddp":
         # the evaluation after training runs the model on the main process alone, and LoRA
         # merges whole weights: neither works on a sharded model yet
         raise ConfigError(f"run.parallel = {train.run.parallel!r}: `chipshift {kind}` supports only 'ddp'")
-    return PostTrainConfig(kind, train, post, lora)
+    return train, lora
 
 
 # -- data ---------------------------------------------------------------------------------------
