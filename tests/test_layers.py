@@ -1,6 +1,6 @@
 """The package's layers only import downwards.
 
-Low to high: errors < devices < data < model < train < infer < parity < plan < pipeline
+Low to high: errors < devices < data < model < infer < train < parity < plan < pipeline
 < the commands on top (cli, demo, __main__). A module sits at the layer of its own
 package (`chipshift.train.cli` is in `train`); it may import its own layer and the layers
 below, never one above. Imports inside functions count too: a late import is still an arrow.
@@ -18,8 +18,8 @@ LAYERS = [
     {"devices"},
     {"data"},
     {"model"},
-    {"train"},
     {"infer"},
+    {"train"},  # RL post-training samples its rollouts with the engine
     {"parity"},  # judges what training and serving compute (the trainer-to-server check)
     {"plan"},
     {"pipeline"},
