@@ -1,4 +1,4 @@
-"""`chipshift parity dump | compare | handoff | train | serve-check`."""
+"""`chipshift parity dump | compare | handoff | train | serve-check` and `chipshift env diff`."""
 
 from __future__ import annotations
 
@@ -67,6 +67,15 @@ def _overrides(args) -> dict:
 
 
 def register(sub) -> None:
+    e = sub.add_parser("env", help="what differs between two runs', dumps' or checkpoints' environments",
+                       description="Compare the environments two runs, parity dumps or checkpoints were made in: "
+                                   "device, plugin, threads, versions, compile, dtype decisions.")
+    esub = e.add_subparsers(dest="env_command", metavar="SUBCOMMAND", required=True)
+    d = esub.add_parser("diff", help="print the keys whose values differ between A and B")
+    d.add_argument("a", help="a parity dump, a checkpoint or a training run directory")
+    d.add_argument("b", help="the same kinds")
+    d.add_argument("--json", action="store_true", help="print the result as JSON")
+    d.set_defaults(func=run_env_diff)
     p = sub.add_parser("parity", help="dump, compare and hand off between chips, module by module",
                        description="Prove that two chips (or dtypes, or compilers) compute the same: "
                                    "dump every module's outputs and gradients, compare two dumps, name "
@@ -226,3 +235,11 @@ def run_serve_check(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     return 1 if report["verdict"] == "fail" else 0
+
+
+def run_env_diff(args) -> int:
+    from chipshift.parity.envdiff import diff, format_diff
+
+    result = diff(args.a, args.b)
+    print(json.dumps(result) if args.json else format_diff(result, args.a, args.b))
+    return 0

@@ -536,7 +536,7 @@ def _run(trainer: Trainer, run_dir: Path, resume_from, tokenizer_dir, bytes_per_
         save_resolved(cfg, run_dir, {"resolved": {
             "model_config": trainer.model_cfg.to_dict(), "device": str(trainer.device),
             "compute_dtype": dtype_name(trainer.dtype), "precision": trainer.precision,
-            "half_matmul_upcast": trainer.upcast, "processes": world.size, "sharded": trainer.sharded,
+            "half_matmul_upcast": trainer.upcast, "compiled": trainer.compiled, "processes": world.size, "sharded": trainer.sharded,
             "micro_batch": trainer.micro, "grad_accum": trainer.accum, "objective": trainer.objective.name,
             "tokenizer": str(tokenizer_dir)}})
     peak, peak_source = trainer.peak_flops, trainer.peak_source
