@@ -78,8 +78,7 @@ def diff(a: str | Path, b: str | Path) -> dict:
     kind_b, env_b = environment(b)
     fa, fb = flatten(env_a), flatten(env_b)
     differ = [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
-    return {"a": kind_a, "b": kind_b, "differ": differ, "same": len(set(fa) & set(fb)) - sum(
-        1 for k, _, _ in differ if k in fa and k in fb)}
+    return {"a": kind_a, "b": kind_b, "differ": differ, "same": sum(fa[k] == fb[k] for k in set(fa) & set(fb))}
 
 
 def format_diff(result: dict, a: str, b: str) -> str:

@@ -91,8 +91,6 @@ class Trainer:
         self.saved_step = -1
         # measured now, before any restore: the CPU probe draws from the global RNG
         self.peak_flops, self.peak_source = self.device.precision.mfu_ceiling(self.dtype, self.upcast)
-        self.flops_per_token = model_flops_per_token(self.model_cfg,
-                                                     getattr(train_stream, "seq_len", self.model_cfg.max_seq_len))
 
     # -- set-up steps ------------------------------------------------------------------
     def _resolve_precision(self) -> None:
@@ -167,7 +165,9 @@ class Trainer:
         model.train()
         model.activation_checkpointing = cfg.run.activation_checkpointing
         model.attn_impl = "sdpa" if cfg.run.attn_impl == "auto" else cfg.run.attn_impl
-        self.compiled = self._resolve_compile(model_cfg)
+        self.flops_per_token = model_flops_per_token(
+            model_cfg, getattr(self.train_stream, "seq_len", model_cfg.max_seq_len))
+        self.compiled = self._resolve_compile()
         if self.compiled:
             model.forward_hidden = torch.compile(model.forward_hidden)
         if self.sharded:
@@ -175,7 +175,7 @@ class Trainer:
         self.model, self.model_cfg = model, model_cfg
         self.params = [p for p in model.parameters() if p.requires_grad]
 
-    def _resolve_compile(self, model_cfg: ModelConfig) -> bool:
+    def _resolve_compile(self) -> bool:
         """run.compile, or where it is "auto" the device layer's decision for this run (long
         runs of one batch shape), logged. Auto stays eager where compile is untested with the
         run's set-up: FSDP2 sharding, half matmuls routed as float32 GEMMs, checkpointing."""
@@ -187,10 +187,9 @@ class Trainer:
         if blocked:
             self.log(f"compile: eager (auto: not with {blocked}; run.compile = 'on' forces it)")
             return False
-        seq_len = getattr(self.train_stream, "seq_len", self.cfg.data.seq_len)
-        flops_per_step = model_flops_per_token(model_cfg, seq_len) * self.cfg.data.batch_size * seq_len
+        tokens_per_step = self.cfg.data.batch_size * getattr(self.train_stream, "seq_len", self.cfg.data.seq_len)
         decision = self.device.precision.compile_training(
-            self.cfg.train.steps, flops_per_step / self.world.size, self.dtype, self.upcast,
+            self.cfg.train.steps, self.flops_per_token * tokens_per_step / self.world.size, self.dtype, self.upcast,
             not getattr(self.train_stream, "variable_shapes", False))
         self.log(f"compile: {decision.reason}")
         return decision.value
@@ -536,7 +535,8 @@ def _run(trainer: Trainer, run_dir: Path, resume_from, tokenizer_dir, bytes_per_
         save_resolved(cfg, run_dir, {"resolved": {
             "model_config": trainer.model_cfg.to_dict(), "device": str(trainer.device),
             "compute_dtype": dtype_name(trainer.dtype), "precision": trainer.precision,
-            "half_matmul_upcast": trainer.upcast, "compiled": trainer.compiled, "processes": world.size, "sharded": trainer.sharded,
+            "half_matmul_upcast": trainer.upcast, "compiled": trainer.compiled, "processes": world.size,
+            "sharded": trainer.sharded,
             "micro_batch": trainer.micro, "grad_accum": trainer.accum, "objective": trainer.objective.name,
             "tokenizer": str(tokenizer_dir)}})
     peak, peak_source = trainer.peak_flops, trainer.peak_source
