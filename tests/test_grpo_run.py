@@ -88,3 +88,15 @@ def test_a_failing_reward_stops_the_run_with_its_checkpoint_intact(tmp_path, ini
         run_grpo(load_grpo_config(cfg), progress=False, log=quiet)
     path, sidecar = latest_valid(tmp_path / "run")
     assert sidecar["meta"]["step"] == 2 and path.name.endswith("2")
+
+
+def test_a_run_ended_by_its_time_limit_is_evaluated(tmp_path, init_ckpt):  # noqa: F811
+    # train.max_minutes ends a run early on purpose (a budget, not a failure): the held-out
+    # evaluation after training and the reward plot must still be written
+    cfg_path = write_config(tmp_path / "c.toml", init_ckpt, tmp_path / "run", train__max_minutes=1e-6)
+    result, evaluation = run_grpo(load_grpo_config(cfg_path), progress=False, log=quiet)
+    assert result.stopped == "time limit" and result.step == 1
+    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert saved["stopped"] == "time limit" and saved["steps"] == 1
+    assert saved["after"]["problems"] == 3 and evaluation["after"] == saved["after"]
+    assert (tmp_path / "run" / "reward.png").stat().st_size > 0

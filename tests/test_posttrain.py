@@ -261,6 +261,15 @@ def test_run_learns_and_resumes_exactly(tmp_path, init_ckpt, kind, lora):
         assert torch.equal(again[k], v), k
 
 
+def test_a_run_ended_by_its_time_limit_is_evaluated(tmp_path, init_ckpt):
+    # train.max_minutes is a budget, not a failure: the evaluation after training is written
+    cfg_path = write_config(tmp_path / "c.toml", "sft", init_ckpt, tmp_path / "run", train__max_minutes=1e-6)
+    result, evaluation = run_posttrain(load_posttrain_config("sft", cfg_path), progress=False, log=lambda *a: None)
+    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert result.stopped == saved["stopped"] == "time limit" and result.step == saved["steps"] == 1
+    assert saved["after"] == evaluation["after"] and len(saved["after"]["identity"]) == len(identity_eval())
+
+
 def cli(*args):
     """`chipshift ARGS` in this process: (exit status, stderr)."""
     err = io.StringIO()

@@ -159,7 +159,8 @@ def run_grpo(cfg: GRPOConfig, *, resume: bool = False, force: bool = False, prog
                           beta=g.beta, reference=reference, pad_id=pad)
         result = train(tcfg, GRPO(g.clip_eps, g.beta), stream, None, resume=resume, model=model,
                        tokenizer_dir=g.init, progress=progress, log=log, device=device)
-        if world.is_main and result.stopped == "done":
+        # a run ended by train.max_minutes is a finished run too: it is evaluated like one
+        if world.is_main and result.stopped != "signal":
             if g.evaluate:
                 evaluation["after"] = held_out_eval()
             png = plot_curves(run_dir / "metrics.jsonl", run_dir / "reward.png",
@@ -167,7 +168,8 @@ def run_grpo(cfg: GRPOConfig, *, resume: bool = False, force: bool = False, prog
                               "reward", f"grpo on {g.task}")
             evaluation["reward_png"] = str(png)
             (run_dir / "eval.json").write_text(json.dumps(
-                {"kind": "grpo", "init": g.init, "checkpoint": str(result.checkpoint), "grpo": asdict(g),
+                {"kind": "grpo", "init": g.init, "checkpoint": str(result.checkpoint), "steps": result.step,
+                 "stopped": result.stopped, "grpo": asdict(g),
                  "lora": asdict(cfg.lora), **evaluation}, indent=2, ensure_ascii=False))
         return result, evaluation
     finally:

@@ -207,12 +207,13 @@ def run_posttrain(cfg: PostTrainConfig, *, resume: bool | str = False, force: bo
             apply_lora(model, cfg.lora, tcfg.run.seed)
         result = train(tcfg, objective, train_stream, val_stream, resume=resume, model=model,
                        tokenizer_dir=post.init, progress=progress, log=log, device=device)
-        if world.is_main and result.stopped == "done":
+        if world.is_main and result.stopped != "signal":  # "time limit" (train.max_minutes) too
             if post.evaluate:
                 evaluation["after"] = _evaluate(cfg, model, tok, val_stream)
             evaluation["val_loss"] = result.last_val_loss
             (run_dir / "eval.json").write_text(json.dumps(
-                {"kind": cfg.kind, "init": post.init, "checkpoint": str(result.checkpoint),
+                {"kind": cfg.kind, "init": post.init, "checkpoint": str(result.checkpoint), "steps": result.step,
+                 "stopped": result.stopped,
                  "post": asdict(post), "lora": asdict(cfg.lora), **evaluation}, indent=2, ensure_ascii=False))
         return result, evaluation
     finally:
