@@ -112,11 +112,12 @@ def evaluate_checkpoint(ckpt: str | Path, tasks: list[str], device: str | None =
                         include_path: list[str | Path] = (), limit: int | None = None, concurrency: int = 4,
                         log=print) -> dict:
     """The tasks through lm-eval's `local-completions` against `chipshift serve ckpt` on device and dtype."""
+    from chipshift.devices import dtype_name, get_device
     from chipshift.infer.cli import served
+    from chipshift.infer.engine import DEFAULT_MAX_LEN
     from chipshift.model.checkpoint import read_sidecar
     from chipshift.model.config import ModelConfig
     from chipshift.model.hf import export_hf_tokenizer
-    from chipshift.devices import dtype_name, get_device
 
     dev = get_device(device)
     torch_dtype, _ = dev.precision.serving_dtype(dtype)
@@ -129,8 +130,9 @@ def evaluate_checkpoint(ckpt: str | Path, tasks: list[str], device: str | None =
             raise ChipshiftError(f"{ckpt}: has no tokenizer (tokenizer.json); lm-eval needs one to build requests")
         with _offline(), served(ckpt, str(dev), dtype_name(torch_dtype), max_batch=concurrency, model_name="chipshift",
                                 log=log) as base_url:
+            # lm-eval truncates on the left to the context the server's engine has (its default)
             model_args = {"model": "chipshift", "base_url": f"{base_url}/completions", "tokenizer": tmp,
-                          "tokenizer_backend": "huggingface", "max_length": cfg.max_seq_len,
+                          "tokenizer_backend": "huggingface", "max_length": min(cfg.max_seq_len, DEFAULT_MAX_LEN),
                           "num_concurrent": concurrency, "max_retries": 1, "timeout": 600}
             log(f"lm-eval: {', '.join(tasks)} against chipshift serve on {dev} in {dtype_name(torch_dtype)}"
                 + (f", at most {limit} items per task" if limit else ""))
