@@ -43,6 +43,22 @@ def test_bootstrap_interval_of_a_paired_delta():
     assert row["items_differ"] == 10 and row["delta"] == pytest.approx(0.1)
 
 
+def test_scoring_requests_ask_the_server_to_ignore_eos():
+    """local-completions drops the last returned entry as the generated token; a stop token
+    returns none, so without ignore_eos the continuation's last token would be dropped."""
+    from lm_eval.api.registry import get_model
+
+    from chipshift.parity.harness import MODEL, _register_model
+
+    _register_model()
+    lm = get_model(MODEL).__new__(get_model(MODEL))  # no server: only the payloads are built
+    lm.model, lm._max_gen_toks = "m", 8
+    scoring = lm._create_payload([[1, 2, 3]], generate=False)
+    assert scoring["echo"] and scoring["logprobs"] == 1 and scoring["max_tokens"] == 1 and scoring["ignore_eos"]
+    generating = lm._create_payload([[1]], generate=True, gen_kwargs={"until": ["\n"]})
+    assert "ignore_eos" not in generating
+
+
 def test_bad_options_are_one_line_and_exit_2(ckpt, capsys):
     assert main(["eval", str(ckpt), "--tasks", "chipshift", "--limit", "0"]) == 2
     assert "--limit = 0" in capsys.readouterr().err

@@ -5,6 +5,10 @@
 against it through lm-eval's own OpenAI-compatible model `local-completions`: every
 log-likelihood request is one `/v1/completions` call with the tokens as the prompt,
 `echo` and `logprobs`, which chipshift's server answers with the engine's log-softmax.
+One change, as a registered subclass (`chipshift-completions`): those scoring requests also
+send `ignore_eos`. local-completions drops the last returned entry as the one generated
+token; when that token was a stop token the server returns no entry for it (stop tokens
+are not output), and lm-eval would drop the continuation's last token instead.
 lm-eval tokenizes with the checkpoint's own tokenizer, written as a Hugging Face tokenizer
 folder (no hub, no network: HF_HUB_OFFLINE and HF_DATASETS_OFFLINE are set for the run).
 
@@ -73,6 +77,28 @@ def check_tasks(tasks: list[str], manager) -> list[str]:
     return list(tasks)
 
 
+MODEL = "chipshift-completions"
+
+
+def _register_model() -> None:
+    import lm_eval.models  # noqa: F401  (lm-eval fills its registry on first use, unless it is not empty)
+    from lm_eval.api.registry import get_model, register_model
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    try:
+        get_model(MODEL)
+        return
+    except ValueError:
+        pass
+
+    @register_model(MODEL)
+    class ChipshiftCompletions(LocalCompletionsAPI):
+        def _create_payload(self, messages, generate=False, gen_kwargs=None, seed=1234, eos=None, **kwargs) -> dict:
+            payload = super()._create_payload(messages, generate=generate, gen_kwargs=gen_kwargs, seed=seed, eos=eos,
+                                              **kwargs)
+            return payload if generate else {**payload, "ignore_eos": True}
+
+
 def evaluate(model: str, model_args: dict, tasks: list[str], *, include_path: list[str | Path] = (),
              limit: int | None = None, manager=None, log=print) -> dict:
     """lm-eval's `simple_evaluate` with `model` (an lm-eval model name: "local-completions", "hf", ...);
@@ -111,7 +137,8 @@ def evaluate(model: str, model_args: dict, tasks: list[str], *, include_path: li
 def evaluate_checkpoint(ckpt: str | Path, tasks: list[str], device: str | None = None, dtype: str | None = None, *,
                         include_path: list[str | Path] = (), limit: int | None = None, concurrency: int = 4,
                         log=print) -> dict:
-    """The tasks through lm-eval's `local-completions` against `chipshift serve ckpt` on device and dtype."""
+    """The tasks through lm-eval's `local-completions` (as `chipshift-completions`) against `chipshift
+    serve ckpt` on device and dtype."""
     from chipshift.devices import dtype_name, get_device
     from chipshift.infer.cli import served
     from chipshift.infer.engine import DEFAULT_MAX_LEN
@@ -136,7 +163,8 @@ def evaluate_checkpoint(ckpt: str | Path, tasks: list[str], device: str | None =
                           "num_concurrent": concurrency, "max_retries": 1, "timeout": 600}
             log(f"lm-eval: {', '.join(tasks)} against chipshift serve on {dev} in {dtype_name(torch_dtype)}"
                 + (f", at most {limit} items per task" if limit else ""))
-            result = evaluate("local-completions", model_args, tasks, limit=limit, manager=manager, log=log)
+            _register_model()
+            result = evaluate(MODEL, model_args, tasks, limit=limit, manager=manager, log=log)
     return {**result, "checkpoint": str(ckpt), "device": str(dev), "dtype": dtype_name(torch_dtype),
             "target": f"{dev}:{dtype_name(torch_dtype)}"}
 
