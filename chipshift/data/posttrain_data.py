@@ -119,6 +119,11 @@ def identity_questions(split: str = "val") -> list[tuple[str, str]]:
     return [(q, KEY_FACTS[fact]) for q, fact in _identity_questions(split)]
 
 
+def identity_answers(split: str = "val") -> list[tuple[str, list[str]]]:
+    """(question, the answers the set gives it) for each phrasing of a split."""
+    return [(q, _identity_answers(fact, q)) for q, fact in _identity_questions(split)]
+
+
 def identity_eval() -> list[tuple[str, str]]:
     """Held-out (question, key fact) pairs."""
     return identity_questions("val")

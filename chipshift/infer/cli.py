@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import socket
+import subprocess
 import sys
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from chipshift.errors import ChipshiftError
@@ -153,3 +158,41 @@ def chat(args) -> int:
             messages.append({"role": "assistant", "content": req.text})
     finally:
         engine.stop()
+
+
+@contextlib.contextmanager
+def served(ckpt: str | Path, device: str, dtype: str, *, max_batch: int = 8, model_name: str | None = None,
+           force: bool = False, timeout_s: float = 300, log=print) -> Iterator[str]:
+    """`chipshift serve CKPT` in a subprocess on 127.0.0.1 (a free port) for the `with` block;
+    yields the base URL ("http://127.0.0.1:PORT/v1") once /health answers; stops the server after."""
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "chipshift", "serve", str(ckpt), "--host", "127.0.0.1", "--port", str(port),
+           "--device", device, "--dtype", dtype, "--max-batch", str(max_batch),
+           "--model-name", model_name or Path(ckpt).resolve().name, *(["--force"] if force else [])]
+    log("  $ " + " ".join(cmd))
+    proc = subprocess.Popen(cmd, start_new_session=True)  # a Ctrl-C here is ours to pass on
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise ChipshiftError(f"chipshift serve {ckpt} exited with status {proc.returncode}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise ChipshiftError(f"chipshift serve {ckpt} did not answer /health within {timeout_s:g} s")
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

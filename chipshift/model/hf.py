@@ -280,17 +280,26 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     save_file(hf_tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype, ids), indent=2))
     (out / "generation_config.json").write_text(json.dumps({**ids, "do_sample": False}, indent=2))
-    tok_cfg = tokenizer_config(ckpt)
-    if tok_cfg is not None:
-        # "TokenizersBackend" exists only in transformers >= 5; this class loads everywhere
-        tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-        _stage_tokenizer(ckpt, tok_cfg, out)
+    export_hf_tokenizer(ckpt, out)
     return out
+
+
+def export_hf_tokenizer(ckpt: str | Path, out: str | Path) -> bool:
+    """The checkpoint's tokenizer as files transformers' AutoTokenizer loads from `out`
+    (offline); False when the checkpoint has none."""
+    tok_cfg = tokenizer_config(Path(ckpt))
+    if tok_cfg is None:
+        return False
+    # "TokenizersBackend" exists only in transformers >= 5; this class loads everywhere
+    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    Path(out).mkdir(parents=True, exist_ok=True)
+    _stage_tokenizer(Path(ckpt), tok_cfg, Path(out))
+    return True
 
 
 def is_hf_folder(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").exists()
 
 
-__all__ = ["ARCHITECTURES", "config_from_hf", "config_to_hf", "import_hf", "export_hf", "is_hf_folder",
-           "tokenizer_config"]
+__all__ = ["ARCHITECTURES", "config_from_hf", "config_to_hf", "import_hf", "export_hf", "export_hf_tokenizer",
+           "is_hf_folder", "tokenizer_config"]

@@ -1,4 +1,5 @@
-"""`chipshift parity dump | compare | handoff | train | serve-check` and `chipshift env diff`."""
+"""`chipshift parity dump | compare | handoff | train | serve-check | verify`, `chipshift env diff` and
+`chipshift eval`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from chipshift.devices import known_types
 from chipshift.errors import ChipshiftError
+from chipshift.parity.certificate import DEFAULT_BUDGET_MB
 from chipshift.parity.compare import Thresholds, compare_dumps
 from chipshift.parity.dump import DEFAULT_MAX_TENSOR_MB, Dump, dump_checkpoint
 from chipshift.parity.handoff import handoff
@@ -67,6 +69,27 @@ def _overrides(args) -> dict:
 
 
 def register(sub) -> None:
+    ev = sub.add_parser("eval", help="benchmark scores through lm-evaluation-harness against chipshift serve",
+                        description="Serve CKPT with `chipshift serve` on --device in --dtype and run the lm-eval "
+                                    "library's tasks against it (its local-completions model: echo + logprobs). "
+                                    "Offline tasks ship with chipshift (tag `chipshift`: "
+                                    "chipshift_sanguo_cloze, chipshift_shakespeare_cloze, chipshift_identity, "
+                                    "chipshift_preference); any folder of lm-eval YAML tasks works with "
+                                    "--include-path. With --compare, the same tasks run on a second target and "
+                                    "each score's difference gets a paired bootstrap confidence interval.")
+    ev.add_argument("checkpoint", help="chipshift checkpoint directory (with a tokenizer)")
+    ev.add_argument("--tasks", required=True, help="comma-separated lm-eval task, group or tag names, "
+                                                   "e.g. chipshift or chipshift_sanguo_cloze,chipshift_identity")
+    ev.add_argument("--device", help="the server's device (default: auto-detected)")
+    ev.add_argument("--dtype", help="the server's dtype (default: as `chipshift serve` picks it)")
+    ev.add_argument("--compare", metavar="DEVICE[:DTYPE]", help="also run on this target and report the delta")
+    ev.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                    help="a folder of lm-eval YAML tasks (repeatable)")
+    ev.add_argument("--limit", type=int, help="at most this many items per task")
+    ev.add_argument("--concurrency", type=int, default=4, help="requests in flight, batched by the server "
+                                                               "(default 4)")
+    ev.add_argument("--json", metavar="FILE", help="also write the scores (and the delta) as JSON")
+    ev.set_defaults(func=run_eval)
     e = sub.add_parser("env", help="what differs between two runs', dumps' or checkpoints' environments",
                        description="Compare the environments two runs, parity dumps or checkpoints were made in: "
                                    "device, plugin, threads, versions, compile, dtype decisions.")
@@ -121,9 +144,30 @@ def register(sub) -> None:
     h.add_argument("--reference", metavar="DEVICE[:DTYPE]", help="also dump a reference (cpu:float64) and "
                    "judge by the error-ratio rule")
     h.add_argument("--out", help="directory for the dumps and the report (default: CKPT.handoff)")
+    g = h.add_argument_group("the certificate (CKPT/certificate: hashes, environments, verdicts, the reference)")
+    g.add_argument("--certificate-mb", type=float, default=DEFAULT_BUDGET_MB,
+                   help=f"keep the stored dumps' tensors while they fit in this many MiB, else statistics only "
+                        f"(default {DEFAULT_BUDGET_MB:g})")
+    g.add_argument("--serve-check", action="store_true", help="also run the trainer-to-server check on --to")
+    g.add_argument("--tasks", help="also run these lm-eval tasks on both sides and record the score delta "
+                                   "(comma-separated, e.g. chipshift)")
+    g.add_argument("--limit", type=int, help="with --tasks: at most this many items per task")
     _add_dump_options(h)
     _add_threshold_options(h)
     h.set_defaults(func=run_handoff)
+
+    v = psub.add_parser("verify", help="judge a device against the reference stored in the checkpoint's certificate",
+                        description="Check CKPT's files against its certificate's hashes, dump CKPT on --device in "
+                                    "--dtype with the stored batch, and judge it by the error-ratio rule against "
+                                    "the stored float64 reference and the stored trusted dump of the same dtype "
+                                    "(else the handoff's source): no source chip needed. Exit 1 on fail, 2 on bad "
+                                    "input (no certificate, hashes that do not match, a stored dump missing).")
+    v.add_argument("checkpoint", help="a chipshift checkpoint with a certificate (written by parity handoff)")
+    v.add_argument("--device", default="cpu", help="the device to judge (default cpu)")
+    v.add_argument("--dtype", default="auto", help="its dtype (default: the device's compute dtype)")
+    v.add_argument("--out", help="directory for the new dump and the report (default: CKPT.verify/DEVICE-DTYPE)")
+    _add_threshold_options(v)
+    v.set_defaults(func=run_verify)
 
     t = psub.add_parser("train", help="train the same config on two targets and compare the loss curves",
                         description="Run the training config CONFIG for --steps steps on --a and then on --b "
@@ -199,11 +243,28 @@ def run_compare(args) -> int:
 
 def run_handoff(args) -> int:
     t0 = time.perf_counter()
+    if args.limit is not None and args.limit < 1:
+        raise ChipshiftError(f"--limit = {args.limit}: must be at least 1")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     record, result = handoff(args.checkpoint, args.source, args.target, reference=args.reference,
-                             out=args.out, thresholds=_overrides(args), **_dump_kwargs(args))
+                             out=args.out, thresholds=_overrides(args), serve_check=args.serve_check, tasks=tasks,
+                             eval_limit=args.limit, certificate_mb=args.certificate_mb, **_dump_kwargs(args))
     _print_result(result, Path(record["report"]).parent, time.perf_counter() - t0)
     print(f"recorded handoff {record['from']} -> {record['to']}: {record['verdict']} in {args.checkpoint}")
+    print(f"certificate: {record['certificate']}")
     return 1 if record["verdict"] == "fail" else 0
+
+
+def run_verify(args) -> int:
+    from chipshift.parity.certificate import verify
+
+    t0 = time.perf_counter()
+    result = verify(args.checkpoint, args.device, args.dtype, out=args.out, thresholds=_overrides(args))
+    b = result["baseline"]
+    print(f"judged {result['dumps']['b']['label']} against the certificate's reference: float64 R and the "
+          f"stored {b['stored']} side ({b['target']}) as A")
+    _print_result(result, Path(result["report"]), time.perf_counter() - t0)
+    return 1 if result["verdict"] == "fail" else 0
 
 
 def run_train(args) -> int:
@@ -242,4 +303,34 @@ def run_env_diff(args) -> int:
 
     result = diff(args.a, args.b)
     print(json.dumps(result) if args.json else format_diff(result, args.a, args.b))
+    return 0
+
+
+def run_eval(args) -> int:
+    from chipshift.parity.dump import parse_target
+    from chipshift.parity.harness import evaluate_checkpoint, format_delta, score_delta
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.limit is not None and args.limit < 1:
+        raise ChipshiftError(f"--limit = {args.limit}: must be at least 1")
+    if args.concurrency < 1:
+        raise ChipshiftError(f"--concurrency = {args.concurrency}: must be at least 1")
+    kw = dict(include_path=args.include_path, limit=args.limit, concurrency=args.concurrency)
+    result = {"runs": [evaluate_checkpoint(args.checkpoint, tasks, args.device, args.dtype, **kw)]}
+    if args.compare:
+        device, dtype = parse_target(args.compare)
+        result["runs"].append(evaluate_checkpoint(args.checkpoint, tasks, device,
+                                                  None if dtype == "auto" else dtype, **kw))
+        result["delta"] = score_delta(*result["runs"])
+    for run in result["runs"]:
+        for task, row in run["tasks"].items():
+            print(f"{run['target']}  {task}: " + ", ".join(
+                f"{m} {row[m]:.4f} ± {row[m + '_stderr'] or 0:.4f}" for m in ("acc", "acc_norm") if m in row)
+                + f" ({row['n']} items)")
+    if "delta" in result:
+        for metric in ("acc", "acc_norm"):
+            for line in format_delta(result["delta"], metric):
+                print("delta  " + line)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0

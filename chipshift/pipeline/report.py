@@ -127,6 +127,12 @@ def _highlights(stages: dict) -> list[str]:
         if rec.get("kind") == "grpo" and "pass@1_after" in m:
             out.append(f"GRPO held-out pass@1 ({name}): {m.get('pass@1_before', float('nan')):.0%} → "
                        f"{m['pass@1_after']:.0%}")
+    for name, rec in stages.items():
+        delta = ((rec.get("result") or {}).get("harness") or {}).get("delta") if rec.get("kind") == "eval" else None
+        if delta:
+            from chipshift.parity.harness import format_delta
+
+            out += [f"lm-eval ({name}): {line}" for line in format_delta(delta)]
     evals = [(n, rec["result"]["metrics"]) for n, rec in stages.items()
              if rec.get("kind") == "eval" and rec.get("status") == "done"]
     if len(evals) >= 2:
@@ -157,6 +163,32 @@ def _handoff_rows(stages: dict) -> list[tuple[list[str], dict]]:
                      r.get("rule", ""), first, _fmt(worst.get("forward")), _fmt(worst.get("backward")),
                      _fmt(r.get("loss_max_rel_diff"))], r))
     return out
+
+
+BENCH_HEADER = ["stage", "task", "metric", "target", "score ± stderr", "delta vs first target", "interval",
+                "items that differ"]
+
+
+def _benchmark_rows(stages: dict) -> list[list[str]]:
+    """One row per eval stage, lm-eval task, metric and target; the delta on the second target's row."""
+    rows = []
+    for name, rec in stages.items():
+        harness = (rec.get("result") or {}).get("harness") if rec.get("kind") == "eval" else None
+        if not harness:
+            continue
+        delta = harness.get("delta") or {"tasks": {}}
+        for task in harness["runs"][0]["tasks"]:
+            for m in ("acc", "acc_norm"):
+                for i, run in enumerate(harness["runs"]):
+                    row = run["tasks"][task]
+                    if m not in row:
+                        continue
+                    d = delta["tasks"].get(task, {}).get(m) if i else None
+                    rows.append([name, task, m, run["target"], f"{row[m]:.4f} ± {row[m + '_stderr'] or 0:.4f}",
+                                 f"{d['delta']:+.4f}" if d else "", f"[{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] "
+                                 f"({delta['confidence']:.0%}, paired bootstrap)" if d else "",
+                                 f"{d['items_differ']} of {d['n']}" if d else ""])
+    return rows
 
 
 def _samples(stages: dict) -> tuple[list[str], list[list[str]]]:
@@ -287,6 +319,12 @@ def write_report(run_dir: str | Path, state: dict) -> Path:
     else:
         md += ["No stage changed device or dtype.", ""]
         h.append("<p>No stage changed device or dtype.</p>")
+    bench = _benchmark_rows(stages)
+    if bench:
+        md += ["## Benchmarks (lm-evaluation-harness)", "", _md_table(BENCH_HEADER, bench), ""]
+        h += ["<h2>Benchmarks (lm-evaluation-harness)</h2><p>lm-eval's tasks against <code>chipshift serve</code> "
+              "on each target; the delta's interval resamples the items, paired.</p>",
+              _html_table(BENCH_HEADER, bench)]
     md += ["## Loss curves", ""]
     h.append("<h2>Loss curves</h2><div class='figs'>")
     for n, p in figures:

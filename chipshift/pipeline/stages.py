@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -204,7 +203,8 @@ def run_pretrain(ctx: Context, st: Stage) -> TrainingResult:
 
 def run_eval(ctx: Context, st: Stage) -> EvalResult:
     """Held-out identity accuracy and preference accuracy (chipshift.train.evaluate) and
-    greedy answers to the recipe's prompts, on the stage's device and dtype."""
+    greedy answers to the recipe's prompts, on the stage's device and dtype; with `tasks`,
+    lm-eval's scores on them (and with `compare`, their delta against a second target)."""
     import torch
 
     from chipshift.data.chat import encode_preference, preference_pair
@@ -236,18 +236,48 @@ def run_eval(ctx: Context, st: Stage) -> EvalResult:
             samples.append({"prompt": prompt, "answer": answer(model, tok, prompt, s["max_new_tokens"])})
     for k, v in metrics.items():
         print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}", flush=True)
+    del model
+    harness = harness_eval(ckpt, st, device, dtype, metrics) if s["tasks"] else None
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
-    return EvalResult(metrics=metrics, samples=samples)
+    return EvalResult(metrics=metrics, samples=samples, harness=harness)
+
+
+def harness_eval(ckpt: Path, st: Stage, device: str, dtype: str, metrics: dict) -> dict:
+    """The stage's lm-eval tasks against `chipshift serve` on its target and, with `compare`, on
+    that target too: scores without their per-item lists, the delta with its bootstrap interval
+    (also written into the checkpoint's certificate, when a handoff made one)."""
+    from chipshift.parity.certificate import add_to_certificate
+    from chipshift.parity.dump import parse_target
+    from chipshift.parity.harness import evaluate_checkpoint, format_delta, score_delta
+
+    s = st.settings
+    kw = dict(limit=s["limit"] or None, log=lambda line: print("  " + line, flush=True))
+    runs = [evaluate_checkpoint(ckpt, s["tasks"], device, dtype, **kw)]
+    if s["compare"]:
+        other_device, other_dtype = parse_target(s["compare"])
+        runs.append(evaluate_checkpoint(ckpt, s["tasks"], other_device, None if other_dtype == "auto" else other_dtype,
+                                        **kw))
+    for task, row in runs[0]["tasks"].items():
+        metrics.update({f"{task}_{m}": row[m] for m in ("acc", "acc_norm") if m in row})
+    out = {"runs": [{**r, "tasks": {t: {k: v for k, v in row.items() if k != "items"} for t, row in r["tasks"].items()}}
+                    for r in runs]}
+    if len(runs) == 2:
+        out["delta"] = score_delta(*runs)
+        for line in format_delta(out["delta"]):
+            print("  delta " + line, flush=True)
+        add_to_certificate(ckpt, eval_delta=out["delta"])
+    return out
 
 
 def run_serve(ctx: Context, st: Stage) -> ServeResult:
     """With `check`, first the trainer-to-server check on the stage's device and dtype
     (chipshift.parity.serve_check; a failure fails the stage, naming the requests); then
-    `chipshift serve` in a subprocess on 127.0.0.1 (a free port), a few chat requests
-    through the official `openai` client, then the server is stopped."""
-    import httpx
+    `chipshift serve` in a subprocess on 127.0.0.1 (a free port, chipshift.infer.cli.served), a
+    few chat requests through the official `openai` client, then the server is stopped."""
     from openai import OpenAI
 
+    from chipshift.infer.cli import served
+    from chipshift.parity.certificate import add_to_certificate
     from chipshift.parity.serve_check import serve_check, summary
 
     ckpt = ctx.model_of(st)
@@ -257,30 +287,14 @@ def run_serve(ctx: Context, st: Stage) -> ServeResult:
         check = serve_check(ckpt, device, dtype, log=lambda line: print("  " + line, flush=True))
         if check["verdict"] == "fail":
             raise ChipshiftError(f"{summary(check)}; failing: {' | '.join(check['failures'])}")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        add_to_certificate(ckpt, serve_check=check)
     name = f"{ctx.recipe.name}-{st.source}"
-    cmd = [sys.executable, "-m", "chipshift", "serve", str(ckpt), "--host", "127.0.0.1", "--port", str(port),
-           "--device", device, "--dtype", dtype, "--max-batch", str(st.settings["max_batch"]), "--model-name", name]
-    print("  $ " + " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, start_new_session=True)  # a Ctrl-C here is ours to pass on
-    answers = []
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise ChipshiftError(f"stages.{st.name}: the server exited with status {proc.returncode}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise ChipshiftError(f"stages.{st.name}: the server did not answer /health within 300 s")
-            time.sleep(0.5)
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
-        t0, tokens = time.perf_counter(), 0
+    answers, tokens = [], 0
+    with served(ckpt, device, dtype, max_batch=st.settings["max_batch"], model_name=name,
+                log=lambda line: print(line, flush=True)) as base_url:
+        port = int(base_url.rsplit(":", 1)[1].split("/")[0])
+        client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
+        t0 = time.perf_counter()
         for prompt in st.settings["prompts"]:
             reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": prompt}],
                                                    max_tokens=st.settings["max_tokens"], temperature=0)
@@ -289,13 +303,6 @@ def run_serve(ctx: Context, st: Stage) -> ServeResult:
             answers.append({"prompt": prompt, "answer": text})
             print(f"  > {prompt}\n    {text.strip()}", flush=True)
         seconds = time.perf_counter() - t0
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
     return ServeResult(samples=answers, check=check,
                        metrics={"requests": len(answers), "completion_tokens": tokens,
                                 "tokens_per_s": tokens / seconds if seconds else None, "port": port},

@@ -61,6 +61,7 @@ class TrainingResult(ModelResult):
 @dataclass(kw_only=True)
 class EvalResult(StageResult):
     samples: list[dict]  # {"prompt", "answer"} per question asked
+    harness: dict | None = None  # lm-eval scores per target and their delta (chipshift.parity.harness)
 
 
 @dataclass(kw_only=True)
