@@ -92,6 +92,9 @@ def register(sub) -> None:
     d.add_argument("--dtype", default="auto", help="float64 (a CPU reference), float32, bfloat16, float16, "
                    "or auto: the device's compute dtype (default auto)")
     d.add_argument("--out", required=True, help="dump directory to write")
+    d.add_argument("--emulate", metavar="PROFILE_OR_CHIP",
+                   help="compute with another chip's arithmetic: a numerics profile (fp16-only, bf16, tf32, "
+                        "fp8-ue8m0, ...) or a chip (ascend-910a, h100-sxm:fp8-e4m3, ...); see docs/rehearse.md")
     _add_dump_options(d)
     d.set_defaults(func=run_dump)
 
@@ -165,7 +168,8 @@ def register(sub) -> None:
 
 
 def run_dump(args) -> int:
-    out = dump_checkpoint(args.checkpoint, args.out, device=args.device, dtype=args.dtype, **_dump_kwargs(args))
+    out = dump_checkpoint(args.checkpoint, args.out, device=args.device, dtype=args.dtype, emulate=args.emulate,
+                          **_dump_kwargs(args))
     dump = Dump(out)
     kept = "statistics only: " + dump.doc["stats_only"] if dump.doc["stats_only"] else "tensors kept"
     print(f"wrote {out}: {len(dump.doc['records'])} records on {dump.label}, {kept}; "

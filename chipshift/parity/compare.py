@@ -337,5 +337,6 @@ def describe(d: Dump) -> dict:
     env = d.doc["env"]
     return {"path": str(d.path), "label": d.label, "device": env["device"], "device_name": env["device_name"],
             "chip": (env["chip"] or {}).get("key"), "dtype": d.dtype, "torch": env["torch"],
+            "emulation": d.emulation,
             "plugin": env["plugin"], "threads": env["threads"], "compile": d.doc["run"].get("compile", False),
             "stats_only": d.doc["stats_only"], "seconds": d.doc["run"]["seconds"]}
