@@ -13,6 +13,7 @@ from chipshift.errors import ChipshiftError
 from chipshift.parity.compare import Thresholds, compare_dumps
 from chipshift.parity.dump import DEFAULT_MAX_TENSOR_MB, Dump, dump_checkpoint
 from chipshift.parity.handoff import handoff
+from chipshift.parity.rehearse import DEFAULT_REHEARSE_MB
 from chipshift.parity.report import write_report
 
 THRESHOLD_HELP = {
@@ -145,6 +146,26 @@ def register(sub) -> None:
     t.add_argument("--loss-warn", type=float, help="warn when a step's losses differ by more than this")
     t.set_defaults(func=run_train)
 
+    r = psub.add_parser("rehearse", help="predict what diverges on a chip you do not have (emulated); exit 1 "
+                                         "on a predicted failure",
+                        description="Dump CKPT in float64, under the trusted chip's numerics and under the target's "
+                                    "(both emulated on --device), judge the target by the error-ratio rule with the "
+                                    "bars raised by the gap between their formats, list the modules whose values "
+                                    "overflow or flush to zero in the target's dtype, the loss drift over --steps "
+                                    "AdamW steps and a mitigation per problem; write report.md, report.json, "
+                                    "depth.png and loss.png. See docs/rehearse.md.")
+    r.add_argument("checkpoint", help="chipshift checkpoint directory")
+    r.add_argument("--chip", required=True, metavar="TARGET",
+                   help="a numerics profile (fp16-only, bf16, tf32, hf32, fp8-ue8m0, mxfp8, ...) or a chip "
+                        "(ascend-910a, h100-sxm:fp8-e4m3, ...) of chipshift/devices/numerics.toml")
+    r.add_argument("--trusted", metavar="SOURCE", help="the profile or chip you trust (default: the device in hand's)")
+    r.add_argument("--device", default="cpu", help="where the emulated dumps run (default cpu)")
+    r.add_argument("--out", help="directory for the dumps and the report (default: CKPT.rehearse-PROFILE)")
+    _add_dump_options(r)
+    r.set_defaults(max_tensor_mb=DEFAULT_REHEARSE_MB)
+    _add_threshold_options(r)
+    r.set_defaults(func=run_rehearse)
+
     s = psub.add_parser("serve-check", help="the serving engine's log-probabilities against the training "
                                             "forward's; exit 1 on failure",
                         description="Generate greedily from a few prompts with the inference engine on --device "
@@ -208,6 +229,25 @@ def run_handoff(args) -> int:
     _print_result(result, Path(record["report"]).parent, time.perf_counter() - t0)
     print(f"recorded handoff {record['from']} -> {record['to']}: {record['verdict']} in {args.checkpoint}")
     return 1 if record["verdict"] == "fail" else 0
+
+
+def run_rehearse(args) -> int:
+    from chipshift.parity.rehearse import rehearse
+
+    t0 = time.perf_counter()
+    result = rehearse(args.checkpoint, args.chip, trusted=args.trusted, device=args.device, out=args.out,
+                      thresholds={k: v for k, v in _overrides(args).items() if v is not None},
+                      **_dump_kwargs(args))
+    r = result["rehearsal"]
+    out = Path(result["dumps"]["b"]["path"]).parent
+    _print_result(result, out, time.perf_counter() - t0)
+    print(f"rehearsal (emulated): {r['target']['name']} against {r['trusted']['name']} (format gap "
+          f"{r['format_gap']:g}x); overflow at {', '.join(s['name'] for s in r['overflow']) or 'none'}; "
+          f"flush to zero at {', '.join(s['name'] for s in r['underflow'][:5]) or 'none'}"
+          + (f" and {len(r['underflow']) - 5} more" if len(r["underflow"]) > 5 else ""))
+    for m in r["mitigations"]:
+        print(f"  mitigation: {m}")
+    return 1 if result["verdict"] == "fail" else 0
 
 
 def run_train(args) -> int:
