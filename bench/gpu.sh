@@ -119,8 +119,10 @@ echo "parity verdict exit code: $? (0 pass/warn, 1 fail); report: $OUT_DIR/parit
 # ---- part 4: how good is a rehearsal? The GPU's own profile emulated on the CPU against ---
 # the real dump on the GPU (part 2's B): per module, the emulated error against float64
 # divided by the real one (1 = the prediction is exact; docs/rehearse.md)
-CHIP=$("$PY" -c "import sys; from chipshift.devices import get_device; c = get_device(sys.argv[1]).chip; print(c.key if c else 'bf16')" "$TARGET")
-"$PY" -m chipshift parity dump "$CKPT" --device cpu --emulate "$CHIP" --out "$P/E" --max-tensor-mb 2048 --batch "$P/R/batch.json"
+CHIP=$("$PY" -c "import sys; from chipshift.devices import get_device
+c = get_device(sys.argv[1]).chip; print(c.key if c else 'bf16')" "$TARGET")
+"$PY" -m chipshift parity dump "$CKPT" --device cpu --emulate "$CHIP" --out "$P/E" --max-tensor-mb 2048 \
+  --batch "$P/R/batch.json"
 PYTHONPATH=. "$PY" - "$P" "$CHIP" <<'PYEOF'
 import json, statistics, sys
 from chipshift.parity.compare import compare_dumps

@@ -248,12 +248,13 @@ def check_dtype(profile: Profile, dtype: str | torch.dtype | None) -> None:
     if dtype is None or dtype == "auto" or parse_dtype(dtype) == profile.dtype:
         return
     profiles, chips = load_numerics()
+    wanted = dtype_name(parse_dtype(dtype))
     other = [p for p in (chips[profile.chip].profiles if profile.chip else profiles)
              if profiles[p].dtype == parse_dtype(dtype)]
-    hint = (f"; emulate {(profile.chip + ':') if profile.chip else ''}{other[0]} to rehearse {dtype_name(parse_dtype(dtype))}"
-            if other else f"; {profile.chip or 'no profile'} has no {dtype_name(parse_dtype(dtype))} profile")
-    raise refuse(profile, f"dtype {dtype_name(parse_dtype(dtype))}",
-                 f"it computes in {dtype_name(profile.dtype)}{hint}")
+    prefix = f"{profile.chip}:" if profile.chip else ""
+    hint = (f"; emulate {prefix}{other[0]} to rehearse {wanted}" if other
+            else f"; {profile.chip or 'no profile'} has no {wanted} profile")
+    raise refuse(profile, f"dtype {wanted}", f"it computes in {dtype_name(profile.dtype)}{hint}")
 
 
 # -- the emulated operators ----------------------------------------------------------------

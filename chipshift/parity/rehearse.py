@@ -146,8 +146,9 @@ def rehearsal_markdown(result: dict) -> str:
     lines = [f"# Rehearsal (emulated): {name(t)} predicted **{result['verdict'].upper()}**", "",
              f"Emulated on this machine, no {name(t)} was used. Target: {name(t)}, {t['description']}. "
              f"Trusted: {name(s)}, {s['description']}. Judged by the error-ratio rule against float64 with "
-             f"both bars raised by the format gap {r['format_gap']:g}x (warn above {result['thresholds']['ratio_warn']:g}x, "
-             f"fail above {result['thresholds']['ratio_fail']:g}x the trusted error).", "",
+             f"both bars raised by the format gap {r['format_gap']:g}x (warn above "
+             f"{result['thresholds']['ratio_warn']:g}x, fail above {result['thresholds']['ratio_fail']:g}x the "
+             f"trusted error).", "",
              f"- first module predicted to diverge: forward **{r['first_diverging']['forward'] or 'none'}**, "
              f"backward **{r['first_diverging']['backward'] or 'none'}**",
              f"- loss drift over {r['loss_drift']['steps']} steps: {r['loss_drift']['max_rel_diff']:.3g} relative", ""]
