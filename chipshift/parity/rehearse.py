@@ -97,8 +97,11 @@ def mitigations(result: dict, sites: dict, target: Profile, trusted: Profile) ->
         out.append(f"{first}: first to diverge ({row['reason']}): keep its GEMM in {keep}{finer}")
     if result["loss"]["verdict"] == "fail":
         loss = result["loss"]
-        out.append(f"loss: drifts {loss['max_rel_diff']:.3g} relative from the trusted run within "
-                   f"{len(loss['a']) - 1} steps: keep the modules above in {keep} and rehearse again")
+        worst = max(result["modules"]["forward"], key=lambda row: row.get("ratio", 0.0))
+        out.append(f"loss: {loss['max_rel_diff']:.3g} relative from the trusted run "
+                   + (f"within {len(loss['a']) - 1} steps" if len(loss["a"]) > 1 else "on the batch")
+                   + f": keep the GEMMs that lose most in {keep}, first {worst['name']} "
+                     f"({worst['ratio']:.3g}x the trusted error), and rehearse again")
     return out
 
 
@@ -146,12 +149,14 @@ def rehearsal_markdown(result: dict) -> str:
     lines = [f"# Rehearsal (emulated): {name(t)} predicted **{result['verdict'].upper()}**", "",
              f"Emulated on this machine, no {name(t)} was used. Target: {name(t)}, {t['description']}. "
              f"Trusted: {name(s)}, {s['description']}. Judged by the error-ratio rule against float64 with "
-             f"both bars raised by the format gap {r['format_gap']:g}x (warn above "
-             f"{result['thresholds']['ratio_warn']:g}x, fail above {result['thresholds']['ratio_fail']:g}x the "
+             f"both bars raised by the format gap {r['format_gap']:.3g}x (warn above "
+             f"{result['thresholds']['ratio_warn']:.3g}x, fail above {result['thresholds']['ratio_fail']:.3g}x the "
              f"trusted error).", "",
              f"- first module predicted to diverge: forward **{r['first_diverging']['forward'] or 'none'}**, "
              f"backward **{r['first_diverging']['backward'] or 'none'}**",
-             f"- loss drift over {r['loss_drift']['steps']} steps: {r['loss_drift']['max_rel_diff']:.3g} relative", ""]
+             f"- loss, relative difference from the trusted run: {r['loss_drift']['max_rel_diff']:.3g} "
+             + (f"(worst of {r['loss_drift']['steps']} AdamW steps)" if r["loss_drift"]["steps"] else
+                "(on the batch; --steps K follows K AdamW steps)"), ""]
     for kind, key in (("overflow", "max_abs"), ("underflow", "flushed_share")):
         lines += [f"## {kind.capitalize()} sites in {t['dtype']} ({len(r[kind])})", ""]
         if r[kind]:
