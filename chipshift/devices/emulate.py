@@ -323,7 +323,7 @@ class Emulation(TorchFunctionMode):
 
     def matmul(self, a, b):
         with torch.autocast(a.device.type, enabled=False):
-            return self._out(torch.matmul(self._in(a), self._in(b, dim=-2)))
+            return self._out(torch.matmul(self._in(a), self._in(b, dim=-2 if b.dim() > 1 else -1)))
 
     def attention(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if dropout_p:
