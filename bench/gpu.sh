@@ -9,6 +9,9 @@
 # against a CPU float64 reference by the error-ratio rule, with CPU bfloat16 as the baseline
 # ("is the new chip worse than the old one?"). The report lands in $OUT_DIR/parity-report.
 #
+# Part 4 (rehearsal): the GPU's own numerics profile emulated on the CPU (`parity dump --emulate`)
+# against part 2's real GPU dump: per module, how far the predicted error is from the real one.
+#
 # Part 3 (decode): the inference engine on a ~1B-parameter Llama shape (Llama-3.2-1B: 16 x 2048,
 # random weights) in bfloat16, batch 1 and 8, prompt 32, exactly 128 new tokens, greedy; each
 # rate against the memory-bandwidth bound (weight + KV bytes read per step / copy bandwidth
@@ -112,6 +115,31 @@ P="$OUT_DIR/parity"
 set +e
 "$PY" -m chipshift parity compare "$P/A" "$P/B" --reference "$P/R" --out "$OUT_DIR/parity-report"
 echo "parity verdict exit code: $? (0 pass/warn, 1 fail); report: $OUT_DIR/parity-report/report.md"
+
+# ---- part 4: how good is a rehearsal? The GPU's own profile emulated on the CPU against ---
+# the real dump on the GPU (part 2's B): per module, the emulated error against float64
+# divided by the real one (1 = the prediction is exact; docs/rehearse.md)
+CHIP=$("$PY" -c "import sys; from chipshift.devices import get_device
+c = get_device(sys.argv[1]).chip; print(c.key if c else 'bf16')" "$TARGET")
+"$PY" -m chipshift parity dump "$CKPT" --device cpu --emulate "$CHIP" --out "$P/E" --max-tensor-mb 2048 \
+  --batch "$P/R/batch.json"
+PYTHONPATH=. "$PY" - "$P" "$CHIP" <<'PYEOF'
+import json, statistics, sys
+from chipshift.parity.compare import compare_dumps
+from chipshift.parity.dump import Dump
+
+p, chip = sys.argv[1:]
+result = compare_dumps(Dump(f"{p}/B"), Dump(f"{p}/E"), Dump(f"{p}/R"))
+rows = {d: [r["err_b_vs_ref"] / r["err_a_vs_ref"] for r in result["modules"][d] if r["err_a_vs_ref"] > 0]
+        for d in ("forward", "backward")}
+out = {"bench": "gpu_rehearsal", "emulated": chip}
+for d, ratios in rows.items():
+    out[d] = {"modules": len(ratios), "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+              "within_2x": sum(0.5 <= x <= 2 for x in ratios) / len(ratios)}
+    print(f"rehearsal {d}: emulated/real error per module median {out[d]['median']:.3g}, range "
+          f"{out[d]['min']:.3g}..{out[d]['max']:.3g}, {out[d]['within_2x']:.0%} within 2x")
+print(json.dumps(out))
+PYEOF
 
 # ---- part 3: decode tokens/s against the memory-bandwidth bound ----------------------------
 MODE=$MODE PYTHONPATH=. "$PY" - <<'PYEOF'

@@ -9,6 +9,9 @@ use, how to synchronize, seed and read memory, and what the chip's peak FLOP/s i
     dev.precision.report()            # every half-precision decision and why (devices/policy.py)
     dev.collective                    # "gloo", "nccl", "hccl", ...
     dev.peak_flops("bfloat16")        # from the chip catalogue, or a measured CPU probe
+
+    dev = get_device("cpu", emulate="ascend-910a")   # another chip's arithmetic (emulate.py)
+    with dev.numerics(): ...          # a stage's forward and backward under it
 """
 
 from __future__ import annotations
@@ -33,13 +36,14 @@ from chipshift.devices.backends import (
 )
 from chipshift.devices.catalogue import Chip, get_chip, load_catalogue, match_chip
 from chipshift.devices.dtypes import DTYPES, HALF, dtype_name, parse_dtype
+from chipshift.devices.emulate import Profile, numerics, resolve
 from chipshift.devices.policy import EMULATED_BELOW, Decision, PrecisionPolicy
 from chipshift.errors import ConfigError, DeviceError
 
 __all__ = [
     "BACKENDS", "Backend", "Chip", "Decision", "Device", "DTYPES", "PrecisionPolicy", "get_device", "get_chip",
     "load_catalogue", "match_chip", "known_types", "parse_dtype", "device_report", "cpu_class", "cpu_flags",
-    "machine_facts",
+    "machine_facts", "Profile",
 ]
 
 ENV_VAR = "CHIPSHIFT_DEVICE"
@@ -163,6 +167,7 @@ class Device:
 
     type: str
     index: int | None = None
+    emulation: Profile | None = None  # another chip's arithmetic, emulated (`emulate`)
     backend: Backend = field(init=False)
 
     def __post_init__(self) -> None:
@@ -175,6 +180,11 @@ class Device:
 
     def __str__(self) -> str:
         return str(self.torch_device)
+
+    def numerics(self):
+        """The context a stage's forward and backward run in: the emulated profile's
+        arithmetic (`emulate.Emulation`), or the device's own (a no-op)."""
+        return numerics(self.emulation)
 
     @property
     def is_cpu(self) -> bool:
@@ -334,11 +344,14 @@ class Device:
         return _CPU_PEAK_CACHE[key], f"measured: {dtype_name(dtype)} matmul probe"
 
 
-def get_device(spec: str | None = None) -> Device:
+def get_device(spec: str | None = None, emulate: str | None = None) -> Device:
     """Resolve `--device` / $CHIPSHIFT_DEVICE / auto-detection to a usable Device.
 
-    `spec` is a device type with an optional index ("npu", "cuda:1") or "auto".
+    `spec` is a device type with an optional index ("npu", "cuda:1") or "auto"; `emulate`
+    a numerics profile or chip (`--emulate`, numerics.toml) whose arithmetic the device
+    computes with; empty or None: its own.
     """
+    profile = resolve(emulate) if emulate else None  # an unknown name fails before any probe
     spec = spec or os.environ.get(ENV_VAR) or "auto"
     if spec == "auto":
         spec = detect()
@@ -353,7 +366,7 @@ def get_device(spec: str | None = None) -> Device:
     index = int(idx) if idx else None
     if index is None and dev_type != "cpu" and "LOCAL_RANK" in os.environ:
         index = int(os.environ["LOCAL_RANK"]) % max(1, int(torch_namespace(dev_type).device_count()))
-    dev = Device(dev_type, index)
+    dev = Device(dev_type, index, profile)
     if index is not None and dev_type != "cpu" and index >= dev.count:
         raise DeviceError(f"device {spec!r} does not exist: {dev.count} {dev_type} device(s) present")
     return dev

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from chipshift.devices.dtypes import HALF, dtype_name, parse_dtype
+from chipshift.devices.emulate import check_dtype, refuse
 from chipshift.errors import ConfigError, DeviceError
 
 if TYPE_CHECKING:
@@ -165,6 +166,10 @@ class PrecisionPolicy:
         """The dtype a run computes in: the user's, else the first of bfloat16, float16 that
         works and is native here (on a CPU bfloat16 only), else float32."""
         dev = self.device
+        if (profile := dev.emulation) is not None:
+            check_dtype(profile, override)
+            return Decision(profile.dtype, f"{dtype_name(profile.dtype)} (emulating {profile.label}: "
+                                           f"{profile.description})")
         if override is not None and override != "auto":
             dtype = parse_dtype(override)
             if not dev.dtype_works(dtype):
@@ -188,6 +193,8 @@ class PrecisionPolicy:
         (`chipshift.train.precision.HalfMatmulUpcast`): where the native half GEMM is emulated."""
         if dtype not in HALF:
             return Decision(False, f"{dtype_name(dtype)} is not half precision")
+        if self.device.emulation is not None:
+            return Decision(False, f"emulating {self.device.emulation.label}: its GEMMs run in float32 already")
         native = self.half_native(dtype)
         if native.value:
             return Decision(False, native.reason)
@@ -208,6 +215,8 @@ class PrecisionPolicy:
         (varying shapes, as in SFT, would recompile) and the run's eager steps would take at
         least COMPILE_MIN_SECONDS (`steps` x `flops_per_step` at EAGER_MFU of the peak)."""
         dev = self.device
+        if dev.emulation is not None:
+            return Decision(False, f"eager: emulating {dev.emulation.label} (its function mode is not traced)")
         if not dev.backend.inductor:
             return Decision(False, f"eager: torch.compile's inductor does not generate kernels for {dev.type} "
                                    f"(run.compile = 'on' tries the backend the device's plugin sets)")
@@ -232,7 +241,10 @@ class PrecisionPolicy:
         the CPU's half arithmetic (float16 may be the native compute dtype, as on AVX512-FP16
         CPUs without AMX). Elsewhere as `compute_dtype`."""
         choice = self.compute_dtype(override)
+        if self.device.emulation is not None and compiled:
+            raise refuse(self.device.emulation, "a compiled decode step", "emulation runs eager")
         if (override is not None and override != "auto") or compiled or not self.device.is_cpu \
+                or self.device.emulation is not None \
                 or not self.device.dtype_works(torch.bfloat16):
             return choice
         twin = self.inference_twin(torch.bfloat16)
@@ -249,6 +261,11 @@ class PrecisionPolicy:
         CPU with bfloat16 arithmetic, for decode-sized inputs only, where the kernel measures
         faster than torch (`kernel_beats_torch`), or where the model holds `quantized` blocks
         (which torch would dequantize at every call)."""
+        if (profile := self.device.emulation) is not None:
+            if quantized:
+                raise refuse(profile, "a model of quantized blocks", "they run on chipshift's own integer kernels, "
+                                      "which have no emulated arithmetic")
+            return Decision(False, f"emulating {profile.label} on torch's own kernels")
         if dtype != torch.bfloat16 or not self.device.is_cpu:
             return Decision(False, f"{dtype_name(dtype)} on {self.device.type} runs on torch's own kernels")
         native = self.half_native(dtype)
@@ -302,6 +319,8 @@ class PrecisionPolicy:
         compute = self.compute_dtype()
         serving = self.serving_dtype()
         rows = {
+            **({"emulation": Decision(self.device.emulation.label, self.device.emulation.description)}
+               if self.device.emulation is not None else {}),
             "half_native": self.half_native(),
             "compute_dtype": compute,
             "matmul_upcast": self.matmul_upcast(torch.bfloat16),

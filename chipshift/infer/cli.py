@@ -22,6 +22,9 @@ def _engine_args(p) -> None:
     p.add_argument("--dtype", default="auto", help="serving dtype: auto (bfloat16 where it is fast, or on a "
                                                    "CPU that emulates it where chipshift's kernel builds; else "
                                                    "float32), bfloat16, float16 or float32")
+    p.add_argument("--emulate", metavar="PROFILE_OR_CHIP",
+                   help="serve with another chip's arithmetic: a numerics profile (fp16-only, bf16, tf32, fp8-ue8m0, "
+                        "...) or a chip (ascend-910a, h100-sxm:fp8-e4m3, ...); see docs/rehearse.md")
     p.add_argument("--max-batch", type=int, default=8, help="batch slots: requests decoded together (default 8)")
     p.add_argument("--max-len", type=int, default=None,
                    help="tokens per slot (prompt + output); default: the model's context, at most 4096")
@@ -63,7 +66,7 @@ def _load(args):
     check_handoff_allowed(args.checkpoint, force=args.force)
     if args.max_batch <= 0:
         raise ChipshiftError(f"--max-batch {args.max_batch}: must be a positive integer")
-    engine = Engine.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype,
+    engine = Engine.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype, emulate=args.emulate,
                                     max_batch=args.max_batch, max_len=args.max_len, compile=args.compile)
     print(f"chipshift: {Path(args.checkpoint).name}: {engine.describe()}; dtype {engine.dtype_reason}",
           file=sys.stderr)
@@ -162,7 +165,8 @@ def chat(args) -> int:
 
 @contextlib.contextmanager
 def served(ckpt: str | Path, device: str, dtype: str, *, max_batch: int = 8, model_name: str | None = None,
-           force: bool = False, timeout_s: float = 300, log=print) -> Iterator[str]:
+           force: bool = False, emulate: str | None = None, timeout_s: float = 300,
+           log=print) -> Iterator[str]:
     """`chipshift serve CKPT` in a subprocess on 127.0.0.1 (a free port) for the `with` block;
     yields the base URL ("http://127.0.0.1:PORT/v1") once /health answers; stops the server after."""
     import httpx
@@ -172,7 +176,8 @@ def served(ckpt: str | Path, device: str, dtype: str, *, max_batch: int = 8, mod
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "chipshift", "serve", str(ckpt), "--host", "127.0.0.1", "--port", str(port),
            "--device", device, "--dtype", dtype, "--max-batch", str(max_batch),
-           "--model-name", model_name or Path(ckpt).resolve().name, *(["--force"] if force else [])]
+           "--model-name", model_name or Path(ckpt).resolve().name, *(["--force"] if force else []),
+           *(["--emulate", emulate] if emulate else [])]
     log("  $ " + " ".join(cmd))
     proc = subprocess.Popen(cmd, start_new_session=True)  # a Ctrl-C here is ours to pass on
     try:

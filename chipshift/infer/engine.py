@@ -20,6 +20,7 @@ skips; they are computed in chunks of `PROMPT_LOGPROB_CHUNK` positions.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -125,6 +126,8 @@ class Engine:
         # through native kernels (bfloat16 on CPUs without bfloat16 arithmetic); not under
         # compile, which traces torch's own ops. `target`: the Device the caller resolved.
         self.kernel_note = None
+        # the arithmetic prefill and decode run with: an emulated chip's (`target.numerics`), or the device's
+        self.numerics = target.numerics if target is not None else contextlib.nullcontext
         if kernels and not compile:
             target = target or get_device(str(self.device))
             self.model, self.kernel_note = target.precision.for_inference(self.model, self.dtype)
@@ -152,11 +155,11 @@ class Engine:
     # -- loading -----------------------------------------------------------------------
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | None = None, dtype: str | None = None,
-                        **kwargs) -> "Engine":
+                        emulate: str | None = None, **kwargs) -> "Engine":
         from chipshift.data.tokenizer import Tokenizer
         from chipshift.model.checkpoint import load_checkpoint
 
-        dev: Device = get_device(device)
+        dev: Device = get_device(device, emulate)
         # compiled, the decode step runs torch's own kernels: no bfloat16 advantage on such a CPU
         torch_dtype, why = dev.precision.serving_dtype(dtype, compiled=kwargs.get("compile", False))
         model, _ = load_checkpoint(path, dev.torch_device, torch_dtype)
@@ -267,6 +270,10 @@ class Engine:
 
     def step(self) -> None:
         """One scheduler iteration: drop cancelled, admit waiting, one decode step."""
+        with self.numerics():
+            self._step()
+
+    def _step(self) -> None:
         for slot, req in enumerate(self.slots):
             if req is not None and req.cancelled:
                 self._finish(slot, "cancelled")

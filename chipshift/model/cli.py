@@ -61,6 +61,9 @@ def register(sub) -> None:
     p.add_argument("--device", default=None, help=f"{', '.join(known_types())}, optionally with an index "
                                                   "(default: $CHIPSHIFT_DEVICE or auto-detect)")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto (default), float32, bfloat16, float16")
+    p.add_argument("--emulate", metavar="PROFILE_OR_CHIP",
+                   help="generate with another chip's arithmetic: a numerics profile (fp16-only, bf16, tf32, "
+                        "fp8-ue8m0, ...) or a chip (ascend-910a, ...); see docs/rehearse.md")
     p.set_defaults(func=run_generate)
 
 
@@ -125,14 +128,15 @@ def run_generate(args) -> int:
         raise ChipshiftError(f"--max-new-tokens = {args.max_new_tokens}: must be at least 1")
     if args.temperature < 0:
         raise ChipshiftError(f"--temperature = {args.temperature}: must be >= 0")
-    dev = get_device(args.device)
+    dev = get_device(args.device, args.emulate)
     dtype, why = dev.precision.compute_dtype(args.dtype)
     model, _ = load_checkpoint(args.ckpt, device=dev.torch_device, dtype=dtype)  # verifies checksums first
     tok = Tokenizer.load(args.ckpt)
     model.eval()
     print(f"[{dev} {why}]", file=sys.stderr)
     ids = encode_prompt(tok, args.prompt, args.chat)
-    stream_text(tok, iter_naive(model, ids, args.max_new_tokens, temperature=args.temperature,
-                                top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=tok.stop_ids()))
+    with dev.numerics():
+        stream_text(tok, iter_naive(model, ids, args.max_new_tokens, temperature=args.temperature,
+                                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=tok.stop_ids()))
     return 0
 

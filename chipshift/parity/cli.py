@@ -15,6 +15,7 @@ from chipshift.parity.certificate import DEFAULT_BUDGET_MB
 from chipshift.parity.compare import Thresholds, compare_dumps
 from chipshift.parity.dump import DEFAULT_MAX_TENSOR_MB, Dump, dump_checkpoint
 from chipshift.parity.handoff import handoff
+from chipshift.parity.rehearse import DEFAULT_REHEARSE_MB
 from chipshift.parity.report import write_report
 
 THRESHOLD_HELP = {
@@ -115,6 +116,9 @@ def register(sub) -> None:
     d.add_argument("--dtype", default="auto", help="float64 (a CPU reference), float32, bfloat16, float16, "
                    "or auto: the device's compute dtype (default auto)")
     d.add_argument("--out", required=True, help="dump directory to write")
+    d.add_argument("--emulate", metavar="PROFILE_OR_CHIP",
+                   help="compute with another chip's arithmetic: a numerics profile (fp16-only, bf16, tf32, "
+                        "fp8-ue8m0, ...) or a chip (ascend-910a, h100-sxm:fp8-e4m3, ...); see docs/rehearse.md")
     _add_dump_options(d)
     d.set_defaults(func=run_dump)
 
@@ -186,6 +190,26 @@ def register(sub) -> None:
     t.add_argument("--loss-warn", type=float, help="warn when a step's losses differ by more than this")
     t.set_defaults(func=run_train)
 
+    r = psub.add_parser("rehearse", help="predict what diverges on a chip you do not have (emulated); exit 1 "
+                                         "on a predicted failure",
+                        description="Dump CKPT in float64, under the trusted chip's numerics and under the target's "
+                                    "(both emulated on --device), judge the target by the error-ratio rule with the "
+                                    "bars raised by the gap between their formats, list the modules whose values "
+                                    "overflow or flush to zero in the target's dtype, the loss drift over --steps "
+                                    "AdamW steps and a mitigation per problem; write report.md, report.json, "
+                                    "depth.png and loss.png. See docs/rehearse.md.")
+    r.add_argument("checkpoint", help="chipshift checkpoint directory")
+    r.add_argument("--chip", required=True, metavar="TARGET",
+                   help="a numerics profile (fp16-only, bf16, tf32, hf32, fp8-ue8m0, mxfp8, ...) or a chip "
+                        "(ascend-910a, h100-sxm:fp8-e4m3, ...) of chipshift/devices/numerics.toml")
+    r.add_argument("--trusted", metavar="SOURCE", help="the profile or chip you trust (default: the device in hand's)")
+    r.add_argument("--device", default="cpu", help="where the emulated dumps run (default cpu)")
+    r.add_argument("--out", help="directory for the dumps and the report (default: CKPT.rehearse-PROFILE)")
+    _add_dump_options(r)
+    r.set_defaults(max_tensor_mb=DEFAULT_REHEARSE_MB)
+    _add_threshold_options(r)
+    r.set_defaults(func=run_rehearse)
+
     s = psub.add_parser("serve-check", help="the serving engine's log-probabilities against the training "
                                             "forward's; exit 1 on failure",
                         description="Generate greedily from a few prompts with the inference engine on --device "
@@ -209,7 +233,8 @@ def register(sub) -> None:
 
 
 def run_dump(args) -> int:
-    out = dump_checkpoint(args.checkpoint, args.out, device=args.device, dtype=args.dtype, **_dump_kwargs(args))
+    out = dump_checkpoint(args.checkpoint, args.out, device=args.device, dtype=args.dtype, emulate=args.emulate,
+                          **_dump_kwargs(args))
     dump = Dump(out)
     kept = "statistics only: " + dump.doc["stats_only"] if dump.doc["stats_only"] else "tensors kept"
     print(f"wrote {out}: {len(dump.doc['records'])} records on {dump.label}, {kept}; "
@@ -264,6 +289,25 @@ def run_verify(args) -> int:
     print(f"judged {result['dumps']['b']['label']} against the certificate's reference: float64 R and the "
           f"stored {b['stored']} side ({b['target']}) as A")
     _print_result(result, Path(result["report"]), time.perf_counter() - t0)
+    return 1 if result["verdict"] == "fail" else 0
+
+
+def run_rehearse(args) -> int:
+    from chipshift.parity.rehearse import rehearse
+
+    t0 = time.perf_counter()
+    result = rehearse(args.checkpoint, args.chip, trusted=args.trusted, device=args.device, out=args.out,
+                      thresholds={k: v for k, v in _overrides(args).items() if v is not None},
+                      **_dump_kwargs(args))
+    r = result["rehearsal"]
+    out = Path(result["dumps"]["b"]["path"]).parent
+    _print_result(result, out, time.perf_counter() - t0)
+    print(f"rehearsal (emulated): {r['target']['name']} against {r['trusted']['name']} (format gap "
+          f"{r['format_gap']:g}x); overflow at {', '.join(s['name'] for s in r['overflow']) or 'none'}; "
+          f"flush to zero at {', '.join(s['name'] for s in r['underflow'][:5]) or 'none'}"
+          + (f" and {len(r['underflow']) - 5} more" if len(r["underflow"]) > 5 else ""))
+    for m in r["mitigations"]:
+        print(f"  mitigation: {m}")
     return 1 if result["verdict"] == "fail" else 0
 
 

@@ -208,8 +208,10 @@ def check_comparable(a: Dump, b: Dump, what: str = "A and B") -> None:
 
 
 # -- the comparison --------------------------------------------------------------------
-def compare_dumps(a: Dump, b: Dump, reference: Dump | None = None, **overrides) -> dict:
-    """The full comparison as a JSON-ready dict; `overrides` replace threshold fields."""
+def compare_dumps(a: Dump, b: Dump, reference: Dump | None = None, ratio_floor: float | None = None,
+                  **overrides) -> dict:
+    """The full comparison as a JSON-ready dict; `overrides` replace threshold fields;
+    `ratio_floor` the least error A is credited with under the error-ratio rule."""
     check_comparable(a, b)
     if reference is not None:
         check_comparable(a, reference, "A and R")
@@ -217,7 +219,7 @@ def compare_dumps(a: Dump, b: Dump, reference: Dump | None = None, **overrides) 
     th = thresholds_for(rule_dtype, **overrides)
     # A's error against R can be 0 (A computes in float64 too, or a module is exact); the
     # floor keeps the ratio finite at a tenth of the finer dtype's rounding
-    floor = 0.1 * min(UNIT_ROUNDOFF[a.dtype], UNIT_ROUNDOFF[b.dtype])
+    floor = ratio_floor if ratio_floor is not None else 0.1 * min(UNIT_ROUNDOFF[a.dtype], UNIT_ROUNDOFF[b.dtype])
     modules: dict[str, list[dict]] = {}
     modes = set()
     for direction in DIRECTIONS:
@@ -307,7 +309,9 @@ def locate_backward(modules: dict[str, list[dict]], first_forward: str | None) -
 
 
 def compare_losses(la: list[float], lb: list[float], th: Thresholds, lr: list[float] | None = None) -> dict:
-    rel = [abs(b - a) / max(abs(a), TINY) for a, b in zip(la, lb)]
+    # a loss that turned non-finite on one side only is as far off as it gets
+    rel = [abs(b - a) / max(abs(a), TINY) if math.isfinite(a) and math.isfinite(b) else 0.0 if a == b else math.inf
+           for a, b in zip(la, lb)]
     worst = max(rel, default=0.0)
     bad = next((i for i, r in enumerate(rel) if r > th.loss_fail), None)
     verdict = "fail" if bad is not None else "warn" if worst > th.loss_warn else "pass"
@@ -337,5 +341,6 @@ def describe(d: Dump) -> dict:
     env = d.doc["env"]
     return {"path": str(d.path), "label": d.label, "device": env["device"], "device_name": env["device_name"],
             "chip": (env["chip"] or {}).get("key"), "dtype": d.dtype, "torch": env["torch"],
+            "emulation": d.emulation,
             "plugin": env["plugin"], "threads": env["threads"], "compile": d.doc["run"].get("compile", False),
             "stats_only": d.doc["stats_only"], "seconds": d.doc["run"]["seconds"]}

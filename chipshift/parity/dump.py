@@ -22,6 +22,7 @@ is recorded; with `--steps K`, K AdamW steps follow and their losses are kept.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -41,6 +42,7 @@ from torch import nn
 from tqdm import tqdm
 
 from chipshift.devices import Device, dtype_name, get_device
+from chipshift.devices.emulate import refuse
 from chipshift.errors import ChipshiftError
 from chipshift.model.checkpoint import WEIGHTS, load_checkpoint, verify_checkpoint, versions
 from chipshift.model.config import ModelConfig
@@ -169,9 +171,10 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def record_run(model: Transformer, batch: torch.Tensor, *, steps: int = 0, lr: float = 1e-3,
                max_tensor_bytes: int = int(DEFAULT_MAX_TENSOR_MB * 2**20), compile: bool = False,
-               progress: bool = True) -> RunResult:
+               progress: bool = True, numerics=contextlib.nullcontext) -> RunResult:
     """Forward and backward on `batch` (B, T+1) with every module recorded, then `steps`
-    AdamW steps on the same batch; the losses are the K+1 values before each update."""
+    AdamW steps on the same batch; the losses are the K+1 values before each update.
+    `numerics`: the device's context for forward and backward (`Device.numerics`)."""
     device = next(model.parameters()).device
     batch = batch.to(device)
     inputs, targets = batch[:, :-1], batch[:, 1:]
@@ -185,12 +188,13 @@ def record_run(model: Transformer, batch: torch.Tensor, *, steps: int = 0, lr: f
     bar = tqdm(range(steps + 1), desc="parity dump", unit="step", disable=not progress)
     try:
         for step in bar:
-            logits = forward(inputs)
-            if step == 0:
-                recorder.add("forward", "logits", logits)
-                logits.register_hook(lambda g: recorder.add("backward", "logits", g))
-            loss = loss_fn(logits, targets)
-            loss.backward()
+            with numerics():
+                logits = forward(inputs)
+                if step == 0:
+                    recorder.add("forward", "logits", logits)
+                    logits.register_hook(lambda g: recorder.add("backward", "logits", g))
+                loss = loss_fn(logits, targets)
+                loss.backward()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.5f}")
             if step == 0:
@@ -264,6 +268,7 @@ def environment(dev: Device) -> dict:
         "device_type": dev.type,
         "device_name": dev.name,
         "chip": dataclasses.asdict(dev.chip) if dev.chip else None,
+        "emulation": dev.emulation.describe() if dev.emulation else None,
         "plugin": {"module": plugin,
                    "version": getattr(sys.modules.get(plugin), "__version__", None)} if plugin else None,
         "torch": torch.__version__,
@@ -345,7 +350,15 @@ class Dump:
     def label(self) -> str:
         run = self.doc["run"]
         extra = " compiled" if run.get("compile") else ""
-        return f"{self.doc['env']['device']} {self.dtype}{extra} ({self.doc['env']['threads']} threads)"
+        emulation = self.emulation
+        emulated = f" emulating {emulation['name']}" + (f" ({emulation['chip']})" if emulation["chip"] else "") \
+            if emulation else ""
+        return f"{self.doc['env']['device']} {self.dtype}{emulated}{extra} ({self.doc['env']['threads']} threads)"
+
+    @property
+    def emulation(self) -> dict | None:
+        """The emulated profile (`Profile.describe`) the dump ran under, or None."""
+        return self.doc["env"].get("emulation")
 
     def records(self, direction: str) -> list[dict]:
         return [r for r in self.doc["records"] if r["direction"] == direction]
@@ -371,15 +384,18 @@ def dump_checkpoint(ckpt: str | Path, out: str | Path, *, device: str = "cpu", d
                     seed: int = 0, steps: int = 0, lr: float = 1e-3,
                     max_tensor_mb: float = DEFAULT_MAX_TENSOR_MB, compile: bool = False,
                     threads: int | None = None, deterministic: bool = True,
-                    progress: bool = True, verify: bool = True) -> Path:
+                    progress: bool = True, verify: bool = True, emulate: str | None = None) -> Path:
     """Load `ckpt` on `device` in `dtype`, record a run, write the dump to `out`.
-    `verify=False` skips the checksums, for a caller that has just verified them itself."""
+    `verify=False` skips the checksums, for a caller that has just verified them itself;
+    `emulate`: a numerics profile or chip whose arithmetic the run computes with."""
     if steps < 0 or batch_size < 1 or seq_len < 1 or max_tensor_mb < 0:
         raise ChipshiftError("--steps and --max-tensor-mb must be >= 0, --batch-size and --seq-len >= 1")
     if verify:
         verify_checkpoint(ckpt)
-    dev = get_device(device)
+    dev = get_device(device, emulate)
     torch_dtype = dev.precision.compute_dtype(dtype).value
+    if compile and dev.emulation is not None:
+        raise refuse(dev.emulation, "--compile", "emulation runs eager (its function mode is not traced)")
     old_threads = torch.get_num_threads()
     old_det = torch.are_deterministic_algorithms_enabled()
     try:
@@ -393,7 +409,7 @@ def dump_checkpoint(ckpt: str | Path, out: str | Path, *, device: str = "cpu", d
         else:
             batch, source = default_batch(model.cfg, ckpt, batch_size, seq_len, seed)
         run = record_run(model, batch, steps=steps, lr=lr, max_tensor_bytes=int(max_tensor_mb * 2**20),
-                         compile=compile, progress=progress)
+                         compile=compile, progress=progress, numerics=dev.numerics)
         env = environment(dev)
     finally:
         torch.set_num_threads(old_threads)

@@ -91,7 +91,8 @@ def markdown(result: dict) -> str:
     for key, tag in (("a", "A"), ("b", "B"), ("reference", "R")):
         if key in d:
             x = d[key]
-            lines.append(f"| {tag} | {x['device']} | {x['device_name']} | {x['chip'] or '-'} | {x['dtype']} | "
+            device = x["device"] + (f" (emulating {x['emulation']['name']})" if x.get("emulation") else "")
+            lines.append(f"| {tag} | {device} | {x['device_name']} | {x['chip'] or '-'} | {x['dtype']} | "
                          f"{x['threads']} | {x['compile']} | {x['torch']} | {'no: ' + x['stats_only'] if x['stats_only'] else 'yes'} |")
     lines += ["", f"Judged by **{result['rule']}** ({result['rule_dtype']}); modules compared by "
                   f"**{result['mode']}**.", ""]

@@ -1,4 +1,6 @@
-"""The verified handoff before a stage whose model was made on another device or dtype."""
+"""The verified handoff before a stage whose model was made on another device or dtype; before
+a stage that emulates another chip, the rehearsal of that move (`chipshift parity rehearse`),
+recorded beside the handoffs and labelled as emulated: a prediction, which gates nothing."""
 
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ def handoff_before(ctx: Context, st: Stage, chain: str) -> None:
 
     src = ctx.recipe.stage(st.source)
     ckpt = ctx.model_of(st)
-    a = resolved_target(src.device, src.dtype)
-    b = resolved_target(st.device, st.dtype)
-    if a != b:
+    a = resolved_target(src.device, src.dtype, src.emulate)
+    b = resolved_target(st.device, st.dtype, st.emulate)
+    if st.emulate and (a, src.emulate) != (b, st.emulate):
+        rehearsal_before(ctx, st, src, ckpt, chain, a)
+    elif a != b:
         key = f"handoff.{st.name}"
         fp = hashlib.sha256(f"{chain}{a}{b}{sorted(st.handoff.items())}".encode()).hexdigest()[:16]
         rec = ctx.state.data["stages"].get(key) or {}
@@ -56,4 +60,49 @@ def handoff_before(ctx: Context, st: Stage, chain: str) -> None:
             ctx.state.save()
             print(f"  verdict: {record['verdict']} ({record['rule']})", flush=True)
     check_handoff_allowed(ckpt, force=ctx.force)
+
+
+def rehearsal_before(ctx: Context, st: Stage, src: Stage, ckpt: Path, chain: str, a: tuple[str, str]) -> None:
+    """Rehearse the move of `src`'s model to `st`'s emulated chip (once; recorded in the state)."""
+    from chipshift.devices import parse_dtype
+    from chipshift.devices.emulate import profile_for_dtype, resolve
+    from chipshift.parity.rehearse import rehearse
+
+    trusted = src.emulate or profile_for_dtype(parse_dtype(a[1])).name
+    key = f"handoff.{st.name}"
+    fp = hashlib.sha256(f"{chain}{trusted}{st.emulate}{sorted(st.handoff.items())}".encode()).hexdigest()[:16]
+    rec = ctx.state.data["stages"].get(key) or {}
+    if rec.get("fingerprint") == fp and rec.get("status") == "done":
+        return
+    target = resolve(st.emulate)
+    frm, to = f"{':'.join(a)} ({trusted})", f"{st.device} emulating {target.label}"
+    same = [r for k, r in ctx.state.data["stages"].items() if k != key and r.get("emulated")
+            and r["result"]["checkpoint"] == str(ckpt) and (r["result"]["from"], r["result"]["to"]) == (frm, to)
+            and r.get("settings", {}) == st.handoff]
+    if same:  # this checkpoint's move was rehearsed already (for another stage)
+        ctx.state.data["stages"][key] = {**same[0], "fingerprint": fp, "to_stage": st.name, "seconds": 0.0,
+                                        "reused": True}
+        ctx.state.save()
+        print(f"== rehearsal (emulated) {src.name} -> {st.name}: rehearsed already ({same[0]['result']['verdict']})")
+        return
+    print(f"== rehearsal (emulated) {src.name} -> {st.name}: {frm} -> {to}", flush=True)
+    t0 = time.perf_counter()
+    dump = {k: v for k, v in st.handoff.items() if k in HANDOFF_DUMP_KEYS}
+    thresholds = {k: v for k, v in st.handoff.items() if k not in HANDOFF_DUMP_KEYS}
+    out = ctx.run_dir / "handoffs" / f"{src.name}-to-{st.name}-rehearsal"
+    result = rehearse(ckpt, st.emulate, trusted=trusted, device=a[0], out=out, thresholds=thresholds,
+                      progress=ctx.progress, **dump)
+    worst = {d: max((r.get("error", 0.0) or 0.0 for r in result["modules"][d]), default=0.0)
+             for d in result["modules"]}
+    ctx.state.data["stages"][key] = {
+        "kind": "handoff", "status": "done", "emulated": True, "fingerprint": fp, "from_stage": src.name,
+        "to_stage": st.name, "seconds": time.perf_counter() - t0, "settings": st.handoff,
+        "result": HandoffResult(
+            verdict=result["verdict"], from_target=frm, to_target=to,
+            rule=f"rehearsal (emulated): {result['rule']} x{result['rehearsal']['format_gap']:g}",
+            first_failing=result["first_failing"], loss_max_rel_diff=result["loss"]["max_rel_diff"],
+            worst_error=worst, report=str(out / "report.md"), figure=str(out / "depth.png"),
+            checkpoint=str(ckpt)).to_json()}
+    ctx.state.save()
+    print(f"  predicted: {result['verdict']} (emulated; gates nothing)", flush=True)
 

@@ -20,7 +20,9 @@ TRAINING = {"pretrain", "sft", "dpo", "grpo"}
 TRAIN_SECTIONS = ("run", "model", "data", "optim", "train")
 
 RECIPE_KEYS = {"name": str, "out": str, "device": str, "dtype": str, "seed": int, "description": str}
-COMMON_KEYS = {"kind": str, "device": str, "dtype": str, "nproc": int, "from": str, "handoff": dict}
+COMMON_KEYS = {"kind": str, "device": str, "dtype": str, "emulate": str, "nproc": int, "from": str, "handoff": dict}
+# stages.NAME.emulate: compute with another chip's arithmetic (chipshift.devices.emulate)
+EMULATES = {"pretrain", "sft", "dpo", "grpo", "eval", "serve"}
 # stages.NAME.handoff: the dump's batch and any parity threshold (chipshift.parity.compare.Thresholds)
 HANDOFF_DUMP_KEYS = {"batch_size": int, "seq_len": int, "seed": int}
 KIND_KEYS: dict[str, dict[str, type]] = {
@@ -66,10 +68,11 @@ class Stage:
     source: str | None  # the stage whose model this one starts from
     settings: dict
     handoff: dict = field(default_factory=dict)
+    emulate: str = ""  # a numerics profile or chip whose arithmetic the stage computes with
 
     def fingerprint(self, upstream: str = "") -> str:
-        blob = json.dumps([self.kind, self.device, self.dtype, self.nproc, self.source, self.settings, upstream],
-                          sort_keys=True, default=str)
+        blob = json.dumps([self.kind, self.device, self.dtype, self.nproc, self.source, self.settings, upstream,
+                           *([self.emulate] if self.emulate else [])], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -146,7 +149,7 @@ def _check_stage_settings(name: str, kind: str, settings: dict) -> dict:
 
 
 def training_config(name: str, kind: str, settings: dict, *, out_dir: Path, device: str, dtype: str,
-                    seed: int, data_dir: str = ""):
+                    seed: int, data_dir: str = "", emulate: str = ""):
     """The `TrainConfig` of a training stage (validated by chipshift.train.config), with the
     key of any mistake named as the recipe names it."""
     from chipshift.train.config import from_dict
@@ -154,12 +157,12 @@ def training_config(name: str, kind: str, settings: dict, *, out_dir: Path, devi
     raw = {s: dict(settings.get(s) or {}) for s in TRAIN_SECTIONS if s != "model"}
     if settings.get("model"):
         raw["model"] = dict(settings["model"])
-    for key in ("out", "device", "dtype"):
+    for key in ("out", "device", "dtype", "emulate"):
         if key in raw["run"]:
             raise ConfigError(f"stages.{name}.run.{key}: set by the pipeline; use stages.{name}."
-                              f"{'device' if key == 'device' else 'dtype' if key == 'dtype' else 'name'}")
+                              f"{'name' if key == 'out' else key}")
     raw["run"].setdefault("seed", seed)
-    raw["run"].update(out=str(out_dir), device=device, dtype=dtype)
+    raw["run"].update(out=str(out_dir), device=device, dtype=dtype, emulate=emulate)
     if kind == "pretrain":
         raw["data"].setdefault("dir", data_dir)
     try:
@@ -169,27 +172,41 @@ def training_config(name: str, kind: str, settings: dict, *, out_dir: Path, devi
 
 
 def posttrain_config(name: str, kind: str, settings: dict, *, out_dir: Path, device: str, dtype: str,
-                     seed: int, init: str, config_path: Path):
+                     seed: int, init: str, config_path: Path, emulate: str = ""):
     """The SFT/DPO/GRPO config of a stage, written to `config_path` (what `chipshift sft|dpo|grpo`
     and torchrun read) and parsed by chipshift.train.posttrain_run (grpo: grpo_run)."""
     from chipshift.train.grpo_run import load_grpo_config
     from chipshift.train.posttrain_run import load_posttrain_config
 
     raw = {s: dict(settings.get(s) or {}) for s in (*TRAIN_SECTIONS, kind, "lora") if s != "model"}
-    for key in ("out", "device", "dtype"):
+    for key in ("out", "device", "dtype", "emulate"):
         if key in raw["run"]:
             raise ConfigError(f"stages.{name}.run.{key}: set by the pipeline (use stages.{name}."
                               f"{'name' if key == 'out' else key})")
     if "init" in raw[kind]:
         raise ConfigError(f"stages.{name}.{kind}.init: set by the pipeline (use stages.{name}.from)")
     raw["run"].setdefault("seed", seed)
-    raw["run"].update(out=str(out_dir), device=device, dtype=dtype)
+    raw["run"].update(out=str(out_dir), device=device, dtype=dtype, **({"emulate": emulate} if emulate else {}))
     raw[kind]["init"] = init
     write_toml({k: v for k, v in raw.items() if v}, config_path)
     try:
         return load_grpo_config(config_path) if kind == "grpo" else load_posttrain_config(kind, config_path)
     except ConfigError as exc:
         raise ConfigError(f"stages.{name}: {exc}") from None
+
+
+def _check_emulate(stage: str, kind: str, emulate: str, dtype: str) -> None:
+    """The profile exists, the stage computes a model, and its dtype is the profile's."""
+    from chipshift.devices.emulate import check_dtype, resolve
+    from chipshift.errors import ChipshiftError
+
+    if kind not in EMULATES:
+        raise ConfigError(f"stages.{stage}.emulate: a {kind} stage runs no model; allowed for "
+                          f"{', '.join(sorted(EMULATES))}")
+    try:
+        check_dtype(resolve(emulate), dtype)
+    except ChipshiftError as exc:
+        raise ConfigError(f"stages.{stage}.emulate = {emulate!r}: {exc}") from None
 
 
 def _check_handoff(stage: str, table: dict) -> dict:
@@ -256,6 +273,9 @@ def parse_recipe(raw: dict, where: str = "recipe") -> Recipe:
             if source is None:
                 raise ConfigError(f"stages.{sname}: a {kind} stage needs a model: put a pretrain or "
                                   f"import stage before it")
+        emulate = common.get("emulate", "")
+        if emulate:
+            _check_emulate(sname, kind, emulate, common.get("dtype", dtype))
         handoff = _check_handoff(sname, common.get("handoff", {}))
         if handoff and kind not in USES_MODEL:
             raise ConfigError(f"stages.{sname}.handoff: a {kind} stage starts from no model")
@@ -267,7 +287,7 @@ def parse_recipe(raw: dict, where: str = "recipe") -> Recipe:
             raise ConfigError(f"stages.{sname}: pre-training needs a data stage before it "
                               f"(or stages.{sname}.data.dir)")
         stage = Stage(sname, kind, common.get("device", device), common.get("dtype", dtype), nproc,
-                      source, settings, handoff)
+                      source, settings, handoff, emulate)
         stages.append(stage)
         last_of[kind] = sname
         if kind in MAKES_MODEL:
@@ -276,7 +296,8 @@ def parse_recipe(raw: dict, where: str = "recipe") -> Recipe:
     resolved = {"recipe": {"name": name, "out": str(out), "device": device, "dtype": dtype, "seed": seed},
                 "stages": {s.name: {"kind": s.kind, "device": s.device, "dtype": s.dtype, "nproc": s.nproc,
                                     **({"from": s.source} if s.source else {}),
-                                    **({"handoff": s.handoff} if s.handoff else {}), **s.settings}
+                                    **({"handoff": s.handoff} if s.handoff else {}),
+                                    **({"emulate": s.emulate} if s.emulate else {}), **s.settings}
                            for s in stages}}
     return Recipe(name, out, seed, stages, resolved)
 

@@ -159,7 +159,9 @@ def _handoff_rows(stages: dict) -> list[tuple[list[str], dict]]:
         r = rec["result"]
         first = ", ".join(f"{d}: {n}" for d, n in (r.get("first_failing") or {}).items() if n) or "none"
         worst = r.get("worst_error", {})
-        out.append(([f"{rec['from_stage']} → {rec['to_stage']}", r["from"], r["to"], r["verdict"].upper(),
+        emulated = rec.get("emulated")  # a rehearsal: a prediction, not a measurement on the chip
+        out.append(([f"{rec['from_stage']} → {rec['to_stage']}" + (" (rehearsal, emulated)" if emulated else ""),
+                     r["from"], r["to"], r["verdict"].upper() + (" (predicted)" if emulated else ""),
                      r.get("rule", ""), first, _fmt(worst.get("forward")), _fmt(worst.get("backward")),
                      _fmt(r.get("loss_max_rel_diff"))], r))
     return out

@@ -54,7 +54,9 @@ def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = True) ->
                        seconds_before=rec.get("seconds", 0.0) if resumed else 0.0)
             on_device = st.kind in TRAINING | USES_MODEL
             if on_device:
-                rec["device"], rec["dtype"] = resolved_target(st.device, st.dtype)
+                rec["device"], rec["dtype"] = resolved_target(st.device, st.dtype, st.emulate)
+                if st.emulate:  # the report's device column says so
+                    rec["device"] += f" emulating {st.emulate}"
             else:
                 rec["device"], rec["dtype"] = "host", None
             rec["nproc"] = st.nproc
@@ -62,7 +64,7 @@ def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = True) ->
             print(f"== [{i}/{len(recipe.stages)}] {st.name} ({st.kind}"
                   + (f" on {rec['device']} {rec['dtype']}" if on_device else "")
                   + (f", {st.nproc} processes" if st.nproc > 1 else "") + ")", flush=True)
-            dev = get_device(rec["device"] if on_device else "cpu")
+            dev = get_device(rec["device"].split()[0] if on_device else "cpu")
             dev.reset_peak_memory()
             t0, cpu0 = time.perf_counter(), time.process_time()
             try:

@@ -166,7 +166,8 @@ def run_posttrain_stage(ctx: Context, st: Stage) -> TrainingResult:
     out = ctx.stage_dir(st)
     config_path = out / "config.toml"
     cfg = posttrain_config(st.name, st.kind, st.settings, out_dir=out, device=st.device, dtype=st.dtype,
-                           seed=ctx.recipe.seed, init=str(ctx.model_of(st)), config_path=config_path)
+                           seed=ctx.recipe.seed, init=str(ctx.model_of(st)), config_path=config_path,
+                           emulate=st.emulate)
     evaluation = {}
 
     def start(resume):
@@ -195,7 +196,7 @@ def run_pretrain(ctx: Context, st: Stage) -> TrainingResult:
     data_stages = [s for s in ctx.recipe.stages[:ctx.recipe.stages.index(st)] if s.kind == "data"]
     data_dir = ctx.state.result(data_stages[-1].name).data_dir if data_stages else ""
     cfg = training_config(st.name, st.kind, st.settings, out_dir=out, device=st.device, dtype=st.dtype,
-                          seed=ctx.recipe.seed, data_dir=data_dir)
+                          seed=ctx.recipe.seed, data_dir=data_dir, emulate=st.emulate)
     config_path = write_toml(cfg.to_dict(), out / "config.toml") if st.nproc > 1 else None
     return run_training(ctx, st, "pretrain", lambda resume: train(cfg, resume=resume, progress=ctx.progress),
                         config_path=config_path)
@@ -216,12 +217,13 @@ def run_eval(ctx: Context, st: Stage) -> EvalResult:
     from chipshift.train.posttrain import PairRows
 
     s, ckpt = st.settings, ctx.model_of(st)
-    device, dtype = resolved_target(st.device, st.dtype)
-    model, _ = load_checkpoint(ckpt, device=get_device(device).torch_device, dtype=parse_dtype(dtype))
+    device, dtype = resolved_target(st.device, st.dtype, st.emulate)
+    dev = get_device(device, st.emulate)
+    model, _ = load_checkpoint(ckpt, device=dev.torch_device, dtype=parse_dtype(dtype))
     model.eval()
     tok = Tokenizer.load(ckpt)
     metrics, samples, t0 = {}, [], time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), dev.numerics():
         if s["identity"]:
             metrics["identity_accuracy"], rows = identity_accuracy(model, tok, s["max_new_tokens"])
             samples += [{"prompt": r["question"], "answer": r["reply"]} for r in rows[:3]]
@@ -281,16 +283,19 @@ def run_serve(ctx: Context, st: Stage) -> ServeResult:
     from chipshift.parity.serve_check import serve_check, summary
 
     ckpt = ctx.model_of(st)
-    device, dtype = resolved_target(st.device, st.dtype)
+    device, dtype = resolved_target(st.device, st.dtype, st.emulate)
     check = None
-    if st.settings["check"]:
+    if st.settings["check"] and st.emulate:
+        print(f"  check: skipped (the serving check compares two real computations; this stage emulates "
+              f"{st.emulate})", flush=True)
+    elif st.settings["check"]:
         check = serve_check(ckpt, device, dtype, log=lambda line: print("  " + line, flush=True))
         if check["verdict"] == "fail":
             raise ChipshiftError(f"{summary(check)}; failing: {' | '.join(check['failures'])}")
         add_to_certificate(ckpt, serve_check=check)
     name = f"{ctx.recipe.name}-{st.source}"
     answers, tokens = [], 0
-    with served(ckpt, device, dtype, max_batch=st.settings["max_batch"], model_name=name,
+    with served(ckpt, device, dtype, max_batch=st.settings["max_batch"], model_name=name, emulate=st.emulate,
                 log=lambda line: print(line, flush=True)) as base_url:
         port = int(base_url.rsplit(":", 1)[1].split("/")[0])
         client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)

@@ -161,9 +161,10 @@ class Interrupted(Exception):
     """A training stage stopped on a signal after writing its checkpoint."""
 
 
-def resolved_target(device: str, dtype: str) -> tuple[str, str]:
-    """(device, dtype name) as the device layer resolves a stage's settings."""
+def resolved_target(device: str, dtype: str, emulate: str = "") -> tuple[str, str]:
+    """(device, dtype name) as the device layer resolves a stage's settings (under the
+    emulated profile `emulate`, the profile's dtype)."""
     from chipshift.devices import dtype_name, get_device
-    dev = get_device(device)
+    dev = get_device(device, emulate)
     return str(dev), dtype_name(dev.precision.compute_dtype(dtype).value)
 

@@ -38,6 +38,9 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
                         "from it if there is one, else start afresh (a relaunched job). Elastic restarts under "
                         "torchrun --max-restarts resume as `auto` by themselves")
     p.add_argument("--device", help="device to train on (same as --set run.device=...)")
+    p.add_argument("--emulate", metavar="PROFILE_OR_CHIP",
+                   help="compute with another chip's arithmetic: a numerics profile (fp16-only, bf16, tf32, "
+                        "fp8-ue8m0, ...) or a chip (ascend-910a, h100-sxm:fp8-e4m3, ...); same as --set run.emulate=...")
     p.add_argument("--out", help="run directory (same as --set run.out=...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and metrics only)")
 
@@ -48,13 +51,20 @@ def _resume_mode(text: str) -> str:
     return text
 
 
-def config_from_args(args):
+def overrides_from_args(args) -> list[str]:
+    """--set values, then the flags that stand for run.* keys."""
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"run.device={args.device!r}")
+    if args.emulate:
+        overrides.append(f"run.emulate={args.emulate!r}")
     if args.out:
         overrides.append(f"run.out={args.out!r}")
-    return load_config(args.config, overrides)
+    return overrides
+
+
+def config_from_args(args):
+    return load_config(args.config, overrides_from_args(args))
 
 
 def run(args) -> int:

@@ -1,6 +1,6 @@
 """The training config: TOML sections checked before any work starts.
 
-    [run]    out, seed, device, dtype, precision, half_matmul_upcast, compile,
+    [run]    out, seed, device, emulate, dtype, precision, half_matmul_upcast, compile,
              activation_checkpointing, attn_impl, parallel (ddp | fsdp), collective_timeout_s
     [model]  preset and/or any `ModelConfig` field (explicit fields override the preset)
     [data]   dir, tokenizer, seq_len, batch_size (global, in sequences), micro_batch
@@ -23,7 +23,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chipshift.errors import ConfigError
+from chipshift.errors import ChipshiftError, ConfigError
 from chipshift.model.config import PRESETS, ModelConfig
 
 
@@ -32,6 +32,9 @@ class RunConfig:
     out: str = "runs/pretrain"
     seed: int = 0
     device: str = "auto"
+    # compute with another chip's arithmetic on run.device: a numerics profile or chip
+    # (chipshift/devices/numerics.toml, `--emulate`); "" = the device's own
+    emulate: str = ""
     dtype: str = "auto"  # auto (the device layer decides) | float32 | bfloat16 | float16
     # how half precision is applied: autocast over fp32 params, or half params with an fp32
     # master copy in the optimizer ("master"); auto = master for bfloat16, autocast for float16
@@ -210,6 +213,12 @@ def from_dict(raw: dict) -> TrainConfig:
     if "preset" in model and model["preset"] not in PRESETS:
         raise ConfigError(f"model.preset = {model['preset']!r}: allowed: {', '.join(PRESETS)}")
     cfg.model = dict(model)
+    if cfg.run.emulate:
+        from chipshift.devices.emulate import resolve
+        try:
+            resolve(cfg.run.emulate)
+        except ChipshiftError as exc:
+            raise ConfigError(f"run.emulate = {cfg.run.emulate!r}: {exc}") from None
     cfg.model_config()  # shape errors surface now, naming the model key
     if cfg.optim.warmup_steps > cfg.train.steps:
         raise ConfigError(f"optim.warmup_steps = {cfg.optim.warmup_steps}: must be <= train.steps "

@@ -133,7 +133,7 @@ def run_grpo(cfg: GRPOConfig, *, resume: bool = False, force: bool = False, prog
     if tcfg.data.seq_len > model.cfg.max_seq_len:
         raise ConfigError(f"data.seq_len = {tcfg.data.seq_len}: the model's max_seq_len is {model.cfg.max_seq_len}")
     run_dir = Path(tcfg.run.out)
-    device = get_device(tcfg.run.device)
+    device = get_device(tcfg.run.device, tcfg.run.emulate)
     world = distributed.init(device)
     try:
         model.to(device.torch_device)

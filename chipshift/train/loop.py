@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from chipshift.devices import HALF, Device, dtype_name, get_device, return_freed_host_memory
+from chipshift.devices.emulate import refuse
 from chipshift.errors import ChipshiftError, ConfigError
 from chipshift.model.checkpoint import state_dict_for_save
 from chipshift.model.config import ModelConfig
@@ -77,7 +78,7 @@ class Trainer:
                  world: distributed.World | None = None, log=print) -> None:
         self.cfg, self.objective = cfg, objective
         self.train_stream, self.val_stream = train_stream, val_stream
-        self.device = device or get_device(cfg.run.device)
+        self.device = device or get_device(cfg.run.device, cfg.run.emulate)
         self.world = world or distributed.World()
         self.log = log if self.world.is_main else (lambda *a, **k: None)
         self._resolve_precision()
@@ -88,6 +89,7 @@ class Trainer:
         self.cursor = 0  # samples consumed over all processes
         self.bad_in_row = 0
         self.bad_total = 0
+        self.scaler_skips = 0  # float16: steps the loss scaler skipped (inf/nan gradients, scale lowered)
         self.saved_step = -1
         # measured now, before any restore: the CPU probe draws from the global RNG
         self.peak_flops, self.peak_source = self.device.precision.mfu_ceiling(self.dtype, self.upcast)
@@ -119,6 +121,12 @@ class Trainer:
             raise ConfigError("run.half_matmul_upcast = 'on' cannot be combined with "
                               "run.activation_checkpointing = true; set one of them off")
         self.upcast = setting == "on"
+        if (profile := self.device.emulation) is not None:
+            if run.compile == "on":
+                raise refuse(profile, "run.compile = 'on'", "emulation runs eager (its function mode is not traced)")
+            if run.activation_checkpointing:
+                raise refuse(profile, "run.activation_checkpointing = true",
+                             "the recomputation in backward would run outside the emulation")
         line = f"compute dtype: {reason}; precision: {self.precision}"
         if self.upcast:
             line += "; " + (upcast.reason if run.half_matmul_upcast == "auto" else
@@ -228,6 +236,7 @@ class Trainer:
             stack.enter_context(torch.autocast(self.device.type, dtype=self.dtype))
         if self.upcast:
             stack.enter_context(HalfMatmulUpcast())
+        stack.enter_context(self.device.numerics())
         return stack
 
     def _to_device(self, batch: dict) -> dict:
@@ -276,6 +285,7 @@ class Trainer:
             if loss_ok:
                 self.scaler.step(self.optimizer)
             self.scaler.update()
+            self.scaler_skips += loss_ok and not math.isfinite(norm_value)
         elif not skipped:
             self.optimizer.step()
         if self.master and not skipped:
@@ -344,7 +354,7 @@ class Trainer:
                 "global_batch": self.cfg.data.batch_size, "world_size": self.world.size,
                 "objective": self.objective.name, "precision": self.precision,
                 "compute_dtype": dtype_name(self.dtype),
-                "scaler": self.scaler.state_dict() if self.scaler else None}
+                "scaler": self.scaler.state_dict() if self.scaler else None, "scaler_skips": self.scaler_skips}
 
     def save(self, run_dir: Path, tokenizer_dir=None) -> Path | None:
         path = None
@@ -402,6 +412,7 @@ class Trainer:
             self.scaler.load_state_dict(meta["scaler"])
         self.step, self.cursor = meta["step"], meta["data_cursor"]
         self.bad_in_row, self.bad_total = meta["bad_in_row"], meta["bad_total"]
+        self.scaler_skips = meta.get("scaler_skips", 0)
         self.saved_step = self.step
 
 
@@ -487,7 +498,7 @@ def train(cfg: TrainConfig, objective: Objective | None = None, train_stream: St
     answering (dead, stopped, hung) raises a ChipshiftError naming that rank."""
     objective = objective or LanguageModeling()
     run_dir = Path(cfg.run.out)
-    device = device or get_device(cfg.run.device)
+    device = device or get_device(cfg.run.device, cfg.run.emulate)
     world = distributed.init(device, cfg.run.collective_timeout_s)
     trainer = None
     try:
@@ -535,6 +546,7 @@ def _run(trainer: Trainer, run_dir: Path, resume_from, tokenizer_dir, bytes_per_
         save_resolved(cfg, run_dir, {"resolved": {
             "model_config": trainer.model_cfg.to_dict(), "device": str(trainer.device),
             "compute_dtype": dtype_name(trainer.dtype), "precision": trainer.precision,
+            "emulation": trainer.device.emulation.describe() if trainer.device.emulation else None,
             "half_matmul_upcast": trainer.upcast, "compiled": trainer.compiled, "processes": world.size,
             "sharded": trainer.sharded,
             "micro_batch": trainer.micro, "grad_accum": trainer.accum, "objective": trainer.objective.name,
@@ -582,6 +594,8 @@ def _run(trainer: Trainer, run_dir: Path, resume_from, tokenizer_dir, bytes_per_
                 mfu = tps * trainer.flops_per_token / peak
                 record = {"step": trainer.step, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
                           "tokens_per_s": tps, "mfu": mfu, "skipped_total": trainer.bad_total, **stats.metrics}
+                if trainer.scaler:
+                    record.update(loss_scale=trainer.scaler.get_scale(), scaler_skipped_total=trainer.scaler_skips)
                 metrics.write(record)
                 bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{mfu:.1%}")
                 window_tokens, window_t0 = 0, time.perf_counter()
@@ -599,6 +613,9 @@ def _run(trainer: Trainer, run_dir: Path, resume_from, tokenizer_dir, bytes_per_
                 log(f"train.max_minutes = {cfg.train.max_minutes} reached at step {trainer.step}")
                 break
     bar.close()
+    if trainer.scaler:
+        log(f"loss scaling (float16): the scaler skipped {trainer.scaler_skips} of {trainer.step} steps "
+            f"(inf/nan gradients); scale now {trainer.scaler.get_scale():g}")
     png = None
     if stopped != "signal":
         last_val = do_eval() if trainer.val_stream is not None else last_val

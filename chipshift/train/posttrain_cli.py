@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from chipshift.train import grpo_run, posttrain_run
-from chipshift.train.cli import add_common_arguments
+from chipshift.train.cli import add_common_arguments, overrides_from_args
 from chipshift.train.posttrain_run import load_posttrain_config, run_posttrain
 
 EPILOG = """examples:
@@ -55,11 +55,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    overrides = list(args.overrides)
-    if args.device:
-        overrides.append(f"run.device={args.device!r}")
-    if args.out:
-        overrides.append(f"run.out={args.out!r}")
+    overrides = overrides_from_args(args)
     if args.kind == "grpo":
         cfg = grpo_run.load_grpo_config(args.config, overrides)
         result, evaluation = grpo_run.run_grpo(cfg, resume=args.resume, force=args.force,

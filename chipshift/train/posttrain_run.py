@@ -183,20 +183,23 @@ def run_posttrain(cfg: PostTrainConfig, *, resume: bool | str = False, force: bo
                     f"token within data.seq_len = {tcfg.data.seq_len}, or chosen and rejected the same once cut "
                     "to it)")
     run_dir = Path(tcfg.run.out)
-    device = get_device(tcfg.run.device)
+    device = get_device(tcfg.run.device, tcfg.run.emulate)
     world = distributed.init(device, tcfg.run.collective_timeout_s)
     try:
         evaluation = {}
         if world.is_main and post.evaluate:
             model.to(device.torch_device)
-            evaluation["before"] = _evaluate(cfg, model, tok, val_stream)
+            with device.numerics():
+                evaluation["before"] = _evaluate(cfg, model, tok, val_stream)
         if cfg.kind == "dpo":
             ref_hash = sidecar["files"]["model.safetensors"]["sha256"]
             model.to(device.torch_device)
             for stream in (s for s in (train_stream, val_stream) if s is not None):
                 if world.is_main:
-                    _, path, computed = cached_reference(run_dir, stream, ref_hash, lambda s=stream: compute_reference(
-                        model, s, max(1, tcfg.data.micro_batch or tcfg.data.batch_size), device.torch_device, progress))
+                    with device.numerics():
+                        _, path, computed = cached_reference(run_dir, stream, ref_hash, lambda s=stream: compute_reference(
+                            model, s, max(1, tcfg.data.micro_batch or tcfg.data.batch_size), device.torch_device,
+                            progress))
                     log(f"reference log-probs {'computed' if computed else 'loaded'}: {path}")
                 distributed.barrier(world)
                 stream.ref_logps = cached_reference(run_dir, stream, ref_hash, lambda: None)[0]
@@ -209,7 +212,8 @@ def run_posttrain(cfg: PostTrainConfig, *, resume: bool | str = False, force: bo
                        tokenizer_dir=post.init, progress=progress, log=log, device=device)
         if world.is_main and result.stopped != "signal":  # "time limit" (train.max_minutes) too
             if post.evaluate:
-                evaluation["after"] = _evaluate(cfg, model, tok, val_stream)
+                with device.numerics():
+                    evaluation["after"] = _evaluate(cfg, model, tok, val_stream)
             evaluation["val_loss"] = result.last_val_loss
             (run_dir / "eval.json").write_text(json.dumps(
                 {"kind": cfg.kind, "init": post.init, "checkpoint": str(result.checkpoint), "steps": result.step,
