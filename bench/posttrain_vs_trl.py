@@ -127,16 +127,48 @@ def run_trl(kind: str, args) -> dict:
 
 
 # -- driver -----------------------------------------------------------------------------------
-def worker(side: str, kind: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", side, "--kind", kind, "--ckpt", str(args.ckpt), "--hf", str(args.hf),
-           "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--examples", str(args.examples)]
-    if args.sft_keep_activations:
-        cmd.append("--sft-keep-activations")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+def spawn(script: str, argv: list[str], what: str) -> dict:
+    """Run `script` as a worker process; its last stdout line is its JSON result."""
+    proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if proc.returncode != 0:
-        raise SystemExit(f"{side} {kind} worker failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{what} worker failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def worker(side: str, kind: str, args) -> dict:
+    argv = ["--worker", side, "--kind", kind, "--ckpt", str(args.ckpt), "--hf", str(args.hf),
+            "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
+            "--warmup", str(args.warmup), "--examples", str(args.examples)]
+    if args.sft_keep_activations:
+        argv.append("--sft-keep-activations")
+    return spawn(__file__, argv, f"{side} {kind}")
+
+
+def alternate(label: str, rounds: int, run_side, speed: str = "tokens_per_s", unit: str = "tok/s") -> dict:
+    """Each side once per round, A B then B A, in fresh processes (`run_side(side)`); the
+    median of every figure per side, and chipshift's ratios to TRL of `speed` and peak RSS."""
+    results: dict[str, list[dict]] = {"chipshift": [], "trl": []}
+    for r in range(rounds):
+        for side in ("chipshift", "trl") if r % 2 == 0 else ("trl", "chipshift"):
+            results[side].append(run_side(side))
+            print(f"{label} round {r + 1} {side}: {results[side][-1]}", flush=True)
+    med = {side: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for side, rs in results.items()}
+    ratio = med["chipshift"][speed] / med["trl"][speed]
+    mem = med["chipshift"]["peak_rss_mib"] / med["trl"]["peak_rss_mib"]
+    print(f"{label}: chipshift {med['chipshift'][speed]:,.1f} {unit}, {med['chipshift']['peak_rss_mib']:,.0f} MiB; "
+          f"TRL {med['trl'][speed]:,.1f} {unit}, {med['trl']['peak_rss_mib']:,.0f} MiB; "
+          f"speed x{ratio:.2f}, memory x{mem:.2f}")
+    return {"chipshift": med["chipshift"], "trl": med["trl"], "speedup": ratio, "memory_ratio": mem}
+
+
+def describe_machine() -> dict:
+    """The machine, printed and returned for the JSON: figures hold for one CPU class."""
+    from chipshift.devices import machine_facts
+
+    machine = machine_facts()
+    print(f"machine: {machine['cpu']} ({machine['cpu_class']}), {machine['cores']} cores, torch {machine['torch']}")
+    return machine
 
 
 def prepare(args) -> None:
@@ -177,27 +209,12 @@ def main() -> None:
         print(json.dumps(run(args.kind, args)))
         return
     prepare(args)
-    from chipshift.devices import machine_facts
-
-    machine = machine_facts()  # figures hold for one CPU class: the JSON names it
-    print(f"machine: {machine['cpu']} ({machine['cpu_class']}), {machine['cores']} cores, torch {machine['torch']}")
+    machine = describe_machine()
     summary = {"bench": "posttrain_vs_trl", "machine": machine, "dtype": "float32", "batch": args.batch, "seq_len": args.seq_len,
                "steps": args.steps, "rounds": args.rounds,
                "sft_activation_checkpointing": not args.sft_keep_activations}
     for kind in args.kinds.split(","):
-        results = {"chipshift": [], "trl": []}
-        for r in range(args.rounds):
-            for side in ("chipshift", "trl") if r % 2 == 0 else ("trl", "chipshift"):
-                results[side].append(worker(side, kind, args))
-                print(f"{kind} round {r + 1} {side}: {results[side][-1]}", flush=True)
-        med = {side: {k: statistics.median(x[k] for x in rs) for k in ("tokens_per_s", "peak_rss_mib")}
-               for side, rs in results.items()}
-        ratio = med["chipshift"]["tokens_per_s"] / med["trl"]["tokens_per_s"]
-        mem = med["chipshift"]["peak_rss_mib"] / med["trl"]["peak_rss_mib"]
-        print(f"{kind}: chipshift {med['chipshift']['tokens_per_s']:,.0f} tok/s, {med['chipshift']['peak_rss_mib']:,.0f} MiB; "
-              f"TRL {med['trl']['tokens_per_s']:,.0f} tok/s, {med['trl']['peak_rss_mib']:,.0f} MiB; "
-              f"speed x{ratio:.2f}, memory x{mem:.2f}")
-        summary[kind] = {"chipshift": med["chipshift"], "trl": med["trl"], "speedup": ratio, "memory_ratio": mem}
+        summary[kind] = alternate(kind, args.rounds, lambda side: worker(side, kind, args))
     print(json.dumps(summary))
 
 

@@ -14,8 +14,9 @@ from chipshift.devices import get_device
 from chipshift.model.lora import LoRAConfig, apply_lora
 from chipshift.model.transformer import build_model
 from chipshift.train.grpo import GRPO, Rollouts, Sampler, group_advantages, grpo_loss
-from chipshift.train.rewards import (Arithmetic, Identity, Problem, answer_tag, arithmetic_correct, build_task,
-                                     load_reward, score, tagged_answer_correct)
+from chipshift.train.rewards import (Arithmetic, Identity, Problem, ReplyLanguage, answer_tag, arithmetic_correct,
+                                     build_task, load_reward, same_language, score, script_language,
+                                     tagged_answer_correct)
 
 REWARDS = [1.0, 0.0, 0.0, 1.0]
 # two completion tokens per completion: (logp, old_logp, ref_logp)
@@ -111,6 +112,41 @@ def test_reward_functions():
     assert tagged_answer_correct("", "so <answer> 12 </answer>", "12") == 1.0
     assert tagged_answer_correct("", "12", "12") == 0.0
     assert answer_tag("", "<answer>1</answer>", "") == 0.5 and answer_tag("", "<answer>1</answer><answer>", "") == 0
+
+
+def test_same_language_by_hand():
+    assert script_language("你叫什么名字？") == "zh" and script_language("What is your name?") == "en"
+    assert script_language("我是SmolLM") == "zh"  # a Latin-script name inside Chinese: one word
+    assert script_language("the word 你好 means hello") == "en"  # a Chinese quotation inside English
+    assert script_language("你好 hello world") is None and script_language("12 + 7 = 19") is None
+    zh, en = "你叫什么名字？", "What is your name?"
+    assert same_language(zh, "我叫Shifty，很高兴认识你。", "zh") == 1.0
+    assert same_language(zh, "My name is Shifty.", "zh") == 0.0
+    assert same_language(en, "My name is Shifty.", "en") == 1.0
+    assert same_language(en, "我叫Shifty。", "en") == 0.0
+    assert same_language(en, "", "en") == 0.0 and same_language(en, "42", "en") == 0.0
+    assert same_language("12 + 7?", "19", "") == 0.0  # a question without a language rewards nothing
+    # a script, not a language: any Latin-script reply counts as English
+    assert same_language(en, "Je m'appelle Shifty.", "en") == 1.0
+    assert load_reward("same_language") is same_language
+
+
+def test_language_task_splits_alternate_and_are_disjoint():
+    task = build_task("language")
+    assert isinstance(task, ReplyLanguage) and task.rewards == ["same_language"]
+    assert min(len(task.val["zh"]), len(task.val["en"])) >= 20 and len(task.train["zh"]) > 300
+    everything = len(task.val["zh"]) + len(task.val["en"])
+    held = task.held_out(everything)
+    trained = {p.prompt.lower() for pool in task.train.values() for p in pool}
+    assert not trained & {p.prompt.lower() for p in held}  # the corpus's split key: the lower-cased question
+    assert [p.answer for p in held[:6]] == ["zh", "en"] * 3
+    assert [task.train_problem(0, i).answer for i in range(8)] == ["zh", "en"] * 4
+    assert task.train_problem(5, 11) == ReplyLanguage().train_problem(5, 11)  # a pure function of (seed, index)
+    for p in held:  # every problem's language is its question's, and a reply in it scores 1
+        assert script_language(p.prompt) == p.answer
+        assert same_language(p.prompt, "我不知道。" if p.answer == "zh" else "I do not know.", p.answer) == 1.0
+    with pytest.raises(ConfigError, match=f"grpo.eval_problems = 999: the language task holds only {everything}"):
+        task.held_out(999)
 
 
 def test_user_rewards_load_and_bad_ones_are_named(tmp_path):

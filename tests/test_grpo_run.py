@@ -11,6 +11,7 @@ from test_posttrain import cli, init_ckpt, model, tok, tok_dir, write_sections  
 
 from chipshift.errors import ChipshiftError, ConfigError
 from chipshift.train.grpo_run import load_grpo_config, run_grpo
+from chipshift.train.rewards import ReplyLanguage, identity_fact, same_language
 from chipshift.train.state import latest_valid, list_checkpoints, load
 
 # a dense reward a tiny model can move: the share of the letter "e" in the reply
@@ -48,6 +49,16 @@ def test_bad_config_is_refused_before_any_work(tmp_path):
                              ("grpo.rewards=['nope.py:f']", "no file nope.py")):
         with pytest.raises(ConfigError, match=message):
             load_grpo_config(cfg, ["grpo.group_size=4", setting])
+
+
+def test_the_language_task_is_selected_from_the_config(tmp_path):
+    cfg = write_config(tmp_path / "c.toml", tmp_path / "ckpt", tmp_path / "run")
+    loaded = load_grpo_config(cfg, ["grpo.task='language'", "grpo.rewards=[]", "grpo.eval_problems=40"])
+    assert isinstance(loaded.task, ReplyLanguage) and loaded.reward_fns == [same_language]
+    mixed = load_grpo_config(cfg, ["grpo.rewards=['identity_fact', 'same_language']"])  # any task can add it
+    assert mixed.reward_fns == [identity_fact, same_language]
+    with pytest.raises(ConfigError, match="grpo.eval_problems = 500: the language task holds only"):
+        load_grpo_config(cfg, ["grpo.task='language'", "grpo.eval_problems=500"])
 
 
 def test_run_evaluates_logs_and_resumes_exactly(tmp_path, init_ckpt):  # noqa: F811

@@ -144,13 +144,13 @@ def _held_out(split_key: str) -> bool:
 
 
 @lru_cache(maxsize=1)  # parsed once per process; callers get fresh message dicts
-def _chatterbot() -> list[tuple[str, list[dict]]]:
-    """(split key, messages) per entry."""
+def _chatterbot() -> list[tuple[str, list[dict], str]]:
+    """(split key, messages, language: "en" or "zh", the corpus folder) per entry."""
     import yaml
 
     root = pkg_dir("chatterbot_corpus") / "data"
     out = []
-    for lang in ("english", "chinese"):
+    for lang, code in (("english", "en"), ("chinese", "zh")):
         for path in sorted((root / lang).glob("*.yml")):
             data = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
             for i, turns in enumerate(data.get("conversations") or []):
@@ -159,7 +159,7 @@ def _chatterbot() -> list[tuple[str, list[dict]]]:
                 if not turns or not all(turns) or _IDENTITY_QUESTION.search(turns[0]):
                     continue
                 msgs = [{"role": ("user", "assistant")[k % 2], "content": t} for k, t in enumerate(turns)]
-                out.append((turns[0].lower(), msgs))
+                out.append((turns[0].lower(), msgs, code))
     return out
 
 
@@ -183,6 +183,20 @@ def _chitchat() -> list[tuple[str, list[dict]]]:
 _LOADERS = {"chatterbot": _chatterbot, "chitchat": _chitchat}
 
 
+def chatterbot_questions(split: str = "train") -> list[tuple[str, str]]:
+    """(question, language: "en" or "zh") for the distinct first questions of the chatterbot
+    entries of a split, in corpus order. Split by the entries' key (the question, lower-cased):
+    the splits share no question, and these are the SFT data's splits too."""
+    _check_split(split)
+    seen, out = set(), []
+    for key, msgs, lang in _chatterbot():
+        question = msgs[0]["content"]
+        if _held_out(key) == (split == "val") and question not in seen:
+            seen.add(question)
+            out.append((question, lang))
+    return out
+
+
 def _check_split(split: str) -> None:
     if split not in ("train", "val"):
         raise ChipshiftError(f"split must be 'train' or 'val', got {split!r}")
@@ -200,7 +214,7 @@ def _split_conversations(source: str, split: str, limit: int | None) -> list[lis
     """One split of a source; `limit` keeps the first N (the identity set is always whole)."""
     if source == "identity":
         return identity_conversations(split)
-    convs = [msgs for key, msgs in _LOADERS[source]() if _held_out(key) == (split == "val")][:limit]
+    convs = [msgs for key, msgs, *_ in _LOADERS[source]() if _held_out(key) == (split == "val")][:limit]
     return [[dict(m) for m in msgs] for msgs in convs]
 
 
@@ -237,7 +251,7 @@ def dpo_pairs(sources=SFT_SOURCES, split: str = "train", limit_per_source: int |
     for source in _parse_sources(sources):
         convs = _split_conversations(source, split, limit_per_source)
         # identity replies are few and alike; take their "other conversation" from chatterbot
-        pool = [m[-1]["content"] for _, m in _chatterbot()] if source == "identity" else [m[-1]["content"] for m in convs]
+        pool = [m[-1]["content"] for m in ([e[1] for e in _chatterbot()] if source == "identity" else convs)]
         varied = len(set(pool)) > 1
         for k, msgs in enumerate(convs):
             chosen = msgs[-1]["content"]

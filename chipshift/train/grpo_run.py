@@ -6,7 +6,7 @@ The config is a training config ([run] [data] [optim] [train], as for `sft`; no 
     [grpo]
       init              the checkpoint to start from (its tokenizer and chat template are used;
                         it is the KL reference)
-      task              arithmetic | arithmetic_tagged | identity (`chipshift.train.rewards`)
+      task              arithmetic | arithmetic_tagged | identity | language (`chipshift.train.rewards`)
       digits            arithmetic: operands of up to this many digits (default 2)
       rewards           reward functions summed per completion: built-in names,
                         "module:function" or "file.py:function"; default: the task's

@@ -21,6 +21,10 @@ Built-in tasks:
   identity           the identity questions of `chipshift.data.posttrain_data` ("Who made
                      you?"; held-out phrasings are never trained on); reward
                      `identity_fact` (the key fact, the name or the maker, in the reply).
+  language           the chatterbot corpus's questions, English and Chinese alternating
+                     (its split: no question on both sides); reward `same_language`
+                     (the reply is written in the question's script, a formatting rule
+                     any task's config can add).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ Reward = Callable[[str, str, str], float]
 HELD_OUT_FIFTHS = 1  # arithmetic problems whose crc32 % 5 is below this are held out
 _INT = re.compile(r"-?\d+")
 _TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_LATIN_WORD = re.compile(r"[A-Za-z\u00c0-\u024f]+")
 
 
 @dataclass(frozen=True)
@@ -77,8 +83,24 @@ def identity_fact(prompt: str, completion: str, answer: str) -> float:
     return float(identity_correct(completion, answer))
 
 
+def script_language(text: str) -> str | None:
+    """"zh" when the text's Han characters outnumber its Latin-script words, "en" when the
+    words outnumber the characters, None on a tie (no letters at all included). A Han
+    character and a Latin word count alike, each about a word's worth: "我是SmolLM" is
+    Chinese with a name in it, "the word 你好 means hello" English with a quotation."""
+    han, latin = len(_HAN.findall(text)), len(_LATIN_WORD.findall(text))
+    return "zh" if han > latin else "en" if latin > han else None
+
+
+def same_language(prompt: str, completion: str, answer: str) -> float:
+    """1 when the reply is in the question's language (`script_language` of each, Chinese or
+    English); 0 when the question or the reply has none."""
+    language = script_language(prompt)
+    return float(language is not None and script_language(completion) == language)
+
+
 REWARDS: dict[str, Reward] = {f.__name__: f for f in (arithmetic_correct, tagged_answer_correct, answer_tag,
-                                                      identity_fact)}
+                                                      identity_fact, same_language)}
 
 
 # -- tasks ---------------------------------------------------------------------------------------
@@ -120,6 +142,12 @@ class Arithmetic:
                           f"held-out problems; lower it or raise grpo.digits")
 
 
+def cycle_shuffled(pool: list[Problem], name: str, seed: int, index: int) -> Problem:
+    """The `index`-th draw of passes through `pool`, each pass a seeded shuffle."""
+    epoch, i = divmod(index, len(pool))
+    return pool[random.Random(f"{name}-{seed}-{epoch}").sample(range(len(pool)), len(pool))[i]]
+
+
 class Identity:
     """The identity questions; the train split cycles through its phrasings."""
 
@@ -131,15 +159,43 @@ class Identity:
         self.val = [Problem(q, fact) for q, fact in identity_questions("val")]
 
     def train_problem(self, seed: int, index: int) -> Problem:
-        epoch, i = divmod(index, len(self.train))
-        return self.train[random.Random(f"identity-{seed}-{epoch}").sample(range(len(self.train)),
-                                                                           len(self.train))[i]]
+        return cycle_shuffled(self.train, "identity", seed, index)
 
     def held_out(self, n: int) -> list[Problem]:
         return self.val[:n]
 
 
-TASKS = ("arithmetic", "arithmetic_tagged", "identity")
+class ReplyLanguage:
+    """Questions to answer in their own language: the chatterbot corpus's, English and
+    Chinese, each a problem whose answer is its language ("en", "zh"). Only questions whose
+    script agrees with their corpus folder are kept, so `same_language` judges by the
+    question. Problems alternate Chinese, English (Chinese is a fifth of the corpus)."""
+
+    rewards = ["same_language"]
+    LANGUAGES = ("zh", "en")
+
+    def __init__(self) -> None:
+        from chipshift.data.posttrain_data import chatterbot_questions
+        self.train, self.val = ({lang: [Problem(q, lang) for q, qlang in chatterbot_questions(split)
+                                        if qlang == lang and script_language(q) == lang]
+                                 for lang in self.LANGUAGES} for split in ("train", "val"))
+
+    def train_problem(self, seed: int, index: int) -> Problem:
+        lang = self.LANGUAGES[index % 2]
+        return cycle_shuffled(self.train[lang], f"language-{lang}", seed, index // 2)
+
+    def held_out(self, n: int) -> list[Problem]:
+        """Chinese and English alternating while both last, then the rest."""
+        zh, en = self.val["zh"], self.val["en"]
+        k = min(len(zh), len(en))
+        out = [p for pair in zip(zh, en) for p in pair] + zh[k:] + en[k:]
+        if n > len(out):
+            raise ConfigError(f"grpo.eval_problems = {n}: the language task holds only {len(out)} held-out "
+                              "questions; lower it")
+        return out[:n]
+
+
+TASKS = ("arithmetic", "arithmetic_tagged", "identity", "language")
 
 
 def build_task(name: str, digits: int = 2):
@@ -149,6 +205,8 @@ def build_task(name: str, digits: int = 2):
         return Arithmetic(digits, tagged=True)
     if name == "identity":
         return Identity()
+    if name == "language":
+        return ReplyLanguage()
     raise ConfigError(f"grpo.task = {name!r}: choose from {', '.join(TASKS)}")
 
 
