@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -17,6 +16,8 @@ from chipshift.data.tokenizer import Tokenizer
 from chipshift.model.checkpoint import save_checkpoint
 from chipshift.model.config import preset
 from chipshift.model.transformer import build_model
+from chipshift.errors import ChipshiftError
+from chipshift.infer.cli import wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,18 +60,10 @@ def live_server(ckpt: Path, *extra: str, timeout: float = 60.0):
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"chipshift serve exited: {proc.stdout.read()}")
-            try:
-                if httpx.get(url + "/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("chipshift serve did not come up")
-            time.sleep(0.2)
+        try:
+            wait_healthy(proc, url, timeout)
+        except ChipshiftError as e:
+            raise RuntimeError(f"{e}: {proc.stdout.read() if proc.poll() is not None else ''}") from e
         yield url
     finally:
         proc.terminate()

@@ -163,14 +163,30 @@ def chat(args) -> int:
         engine.stop()
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float, what: str = "chipshift serve") -> None:
+    """Return once URL/health answers 200; raise if the server process exits or the time runs out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise ChipshiftError(f"{what} exited with status {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise ChipshiftError(f"{what} did not answer /health within {timeout_s:g} s")
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def served(ckpt: str | Path, device: str, dtype: str, *, max_batch: int = 8, model_name: str | None = None,
            force: bool = False, emulate: str | None = None, timeout_s: float = 300,
            log=print) -> Iterator[str]:
     """`chipshift serve CKPT` in a subprocess on 127.0.0.1 (a free port) for the `with` block;
     yields the base URL ("http://127.0.0.1:PORT/v1") once /health answers; stops the server after."""
-    import httpx
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -181,18 +197,7 @@ def served(ckpt: str | Path, device: str, dtype: str, *, max_batch: int = 8, mod
     log("  $ " + " ".join(cmd))
     proc = subprocess.Popen(cmd, start_new_session=True)  # a Ctrl-C here is ours to pass on
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise ChipshiftError(f"chipshift serve {ckpt} exited with status {proc.returncode}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise ChipshiftError(f"chipshift serve {ckpt} did not answer /health within {timeout_s:g} s")
-            time.sleep(0.5)
+        wait_healthy(proc, f"http://127.0.0.1:{port}", timeout_s, what=f"chipshift serve {ckpt}")
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         proc.send_signal(signal.SIGINT)
