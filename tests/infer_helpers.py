@@ -52,11 +52,14 @@ def live_server(ckpt: Path, *extra: str, timeout: float = 60.0):
     """Run `chipshift serve CKPT` in a subprocess on a free port; yield its base URL. It
     serves in the dtype the precision policy picks (as a user's `chipshift serve` does):
     bfloat16 natively, bfloat16 through the kernel twin, or float32 without a compiler.
-    CI runs the suite under each outcome (`.ci/run`, CHIPSHIFT_HALF / CHIPSHIFT_CPU_KERNELS)."""
+    CI runs the suite under each outcome (`.ci/run`, CHIPSHIFT_HALF / CHIPSHIFT_CPU_KERNELS).
+    The server is pinned to this process's decisions, so that a test comparing it with an
+    engine in this process compares the same arithmetic even when a loaded machine would
+    make the server's own probes decide otherwise."""
     port = free_port()
     cmd = [sys.executable, "-m", "chipshift", "serve", str(ckpt), "--port", str(port),
            "--device", "cpu", *extra]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), **probe_pins()}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -72,6 +75,22 @@ def live_server(ckpt: Path, *extra: str, timeout: float = 60.0):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def probe_pins() -> dict[str, str]:
+    """CHIPSHIFT_HALF / CHIPSHIFT_CPU_KERNELS pinned to what this process's probes decided
+    (only those not pinned already)."""
+    from chipshift.devices import get_device
+    from chipshift.devices.policy import HALF_ENV, KERNELS_ENV
+
+    policy = get_device("cpu").precision
+    pins = {}
+    native = policy.half_native().value
+    if HALF_ENV not in os.environ:
+        pins[HALF_ENV] = "native" if native else "emulated"
+    if KERNELS_ENV not in os.environ and native and policy.cpu_kernel().value:
+        pins[KERNELS_ENV] = "on" if policy.kernel_beats_torch().value else "off"
+    return pins
 
 
 def metric(url: str, name: str, headers: dict | None = None) -> float:

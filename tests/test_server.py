@@ -463,3 +463,37 @@ def test_sigterm_ends_streams_and_exits_cleanly_and_a_taken_port_is_one_line(tmp
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_a_served_block_whose_process_is_killed_leaves_no_server_behind(tmp_path, tiny_tokenizer_dir, sig):
+    """`served()` (the eval and serve stages' server): when the process that started the
+    server is SIGKILLed (no clean-up of its own can run) the server notices and exits; on
+    SIGTERM the block's clean-up stops it as on Ctrl-C."""
+    import os
+    import signal
+
+    ckpt = make_checkpoint(tiny_tokenizer_dir, tmp_path / "tiny-chat")
+    script = ("import sys, time\nfrom chipshift.infer.cli import served\n"
+              f"with served({str(ckpt)!r}, 'cpu', 'float32', log=lambda m: None) as url:\n"
+              "    print(url, flush=True)\n    time.sleep(600)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    holder = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        url = holder.stdout.readline().strip().removesuffix("/v1")
+        assert url.startswith("http://127.0.0.1:"), url
+        assert httpx.get(url + "/health", timeout=5).status_code == 200
+        holder.send_signal(getattr(signal, sig))
+        holder.wait(30)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(url + "/health", timeout=1)
+            except httpx.HTTPError:
+                break  # nothing answers on the port: the server is gone
+            assert time.monotonic() < deadline, f"the server outlived its {sig}ed parent"
+            time.sleep(0.2)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()

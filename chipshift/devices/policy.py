@@ -68,6 +68,7 @@ EAGER_MFU = 0.5
 # A CPU whose half-precision matmul runs below this fraction of its float32 matmul emulates
 # half precision: AVX2 CPUs measure 0.05-0.3, AVX512-BF16 and AMX CPUs 2-4.
 EMULATED_BELOW = 0.8
+_KERNEL_PROBE: Decision | None = None  # kernel_beats_torch, once per process
 
 
 def pinned(var: str, allowed: tuple[str, ...]) -> str:
@@ -106,7 +107,6 @@ class PrecisionPolicy:
     def __init__(self, device: "Device") -> None:
         self.device = device
         self.half_pin = pinned(HALF_ENV, ("auto", "native", "emulated"))
-        self._kernel_probe: Decision | None = None
 
     # -- the probes ------------------------------------------------------------------------
     def half_native(self, dtype: torch.dtype = torch.bfloat16) -> Decision:
@@ -132,11 +132,13 @@ class PrecisionPolicy:
 
     def kernel_beats_torch(self) -> Decision:
         """On a CPU with bfloat16 arithmetic: whether chipshift's kernel multiplies one row
-        by bfloat16 weights (a decode step) faster than torch's GEMV; timed once per policy
-        on a 2048 x 2048 weight, larger than the caches. $CHIPSHIFT_CPU_KERNELS=on skips the probe."""
+        by bfloat16 weights (a decode step) faster than torch's GEMV; timed once per process
+        (as the half probe: every engine in a process decides alike) on a 2048 x 2048 weight,
+        larger than the caches. $CHIPSHIFT_CPU_KERNELS=on skips the probe."""
         if kernels_pin() == "on":
             return Decision(True, f"pinned by {KERNELS_ENV}=on")
-        if self._kernel_probe is None:
+        global _KERNEL_PROBE
+        if _KERNEL_PROBE is None:
             import time
 
             import torch.nn.functional as F
@@ -157,9 +159,9 @@ class PrecisionPolicy:
                 return min(times)
 
             ratio = best(lambda: F.linear(x, w)) / best(lambda: kernels.bf16_linear(x, w))
-            self._kernel_probe = Decision(ratio >= 1.1, f"probe: one row through a 2048x2048 bfloat16 weight "
+            _KERNEL_PROBE = Decision(ratio >= 1.1, f"probe: one row through a 2048x2048 bfloat16 weight "
                                                         f"{ratio:.2f}x as fast through the kernel as torch's GEMV")
-        return self._kernel_probe
+        return _KERNEL_PROBE
 
     # -- training ----------------------------------------------------------------------------
     def compute_dtype(self, override: str | torch.dtype | None = None) -> Decision:

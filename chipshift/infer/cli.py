@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -13,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from chipshift.errors import ChipshiftError
+
+EXIT_WITH_PARENT = "CHIPSHIFT_EXIT_WITH_PARENT"  # set by served(): the pid whose exit ends the server
 
 
 def _engine_args(p) -> None:
@@ -91,8 +94,10 @@ def serve(args) -> int:
     print(f"chipshift: serving '{name}' on http://{args.host}:{args.port}"
           f"{' (API key required)' if args.api_key else ''}", file=sys.stderr, flush=True)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C
+    # started by served(): leave with the process that started us, even when it was SIGKILLed
+    parent = int(os.environ.pop(EXIT_WITH_PARENT, "0") or 0)
     try:
-        engine.run(until=lambda: not http.is_alive())
+        engine.run(until=lambda: not http.is_alive() or (parent > 0 and os.getppid() != parent))
     except KeyboardInterrupt:
         pass
     finally:
@@ -195,11 +200,16 @@ def served(ckpt: str | Path, device: str, dtype: str, *, max_batch: int = 8, mod
            "--model-name", model_name or Path(ckpt).resolve().name, *(["--force"] if force else []),
            *(["--emulate", emulate] if emulate else [])]
     log("  $ " + " ".join(cmd))
-    proc = subprocess.Popen(cmd, start_new_session=True)  # a Ctrl-C here is ours to pass on
+    # a Ctrl-C here is ours to pass on; a SIGKILL of ours ends the server too (EXIT_WITH_PARENT)
+    proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, EXIT_WITH_PARENT: str(os.getpid())})
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if on_main else None  # SIGTERM: clean up as on Ctrl-C
     try:
         wait_healthy(proc, f"http://127.0.0.1:{port}", timeout_s, what=f"chipshift serve {ckpt}")
         yield f"http://127.0.0.1:{port}/v1"
     finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout=30)
