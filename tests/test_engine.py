@@ -105,6 +105,37 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(reference):
     assert other_seed[0] != alone
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_requests_with_one_prompt_share_its_prefill_and_sample_as_if_alone(dtype):
+    """n samples of one prompt admitted together (a GRPO group): one prefill, its keys and
+    values copied to the other slots; each sample's tokens and first log-probabilities are
+    exactly those it gets alone. A prompt-logprobs request computes its own prefill."""
+    model = tiny(dtype)
+    prompts = [PROMPTS[2], PROMPTS[2], PROMPTS[0], PROMPTS[2], PROMPTS[0]]
+    params = [SamplingParams(max_tokens=10, temperature=1.0, seed=s, stop_ids=(), logprobs=2) for s in range(5)]
+    engine = Engine(model, max_batch=5)
+    together = [engine.submit(Request(list(p), sp)) for p, sp in zip(prompts, params)]
+    while not all(r.done.is_set() for r in together):
+        engine.step()
+    assert engine.stats.prompt_tokens_shared == 2 * len(PROMPTS[2]) + len(PROMPTS[0])
+    for p, sp, r in zip(prompts, params, together):
+        alone = Engine(model, max_batch=1)
+        want = alone.submit(Request(list(p), SamplingParams(**vars(sp))))
+        while not want.done.is_set():
+            alone.step()
+        assert r.output_ids == want.output_ids and len(set(map(tuple, (r.output_ids for r in together)))) > 1
+        first, rest = r.logprobs[0], r.logprobs[1:]  # the prefill's exactly; decode steps batch 5 rows, not 1
+        assert (first.token, first.logprob, first.top) == (want.logprobs[0].token, want.logprobs[0].logprob,
+                                                           want.logprobs[0].top)
+        assert [e.logprob for e in rest] == pytest.approx([e.logprob for e in want.logprobs[1:]], abs=1e-5)
+    engine = Engine(model, max_batch=2)
+    asks = [engine.submit(Request(list(PROMPTS[2]), SamplingParams(max_tokens=2, prompt_logprobs=1, stop_ids=())))
+            for _ in range(2)]
+    while not all(r.done.is_set() for r in asks):
+        engine.step()
+    assert engine.stats.prompt_tokens_shared == 0 and asks[0].prompt_logprobs == asks[1].prompt_logprobs
+
+
 def test_sample_follows_the_distribution_and_filters():
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0]).repeat(8000, 1)
     rows = logits.shape[0]

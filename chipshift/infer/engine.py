@@ -80,6 +80,7 @@ class Request:
 class EngineStats:
     requests: dict[str, int] = field(default_factory=dict)  # finished requests by finish reason
     prompt_tokens: int = 0
+    prompt_tokens_shared: int = 0  # of those, copied from a request with the same prompt (`_prefill`)
     generated_tokens: int = 0
     decode_steps: int = 0
     ttft_buckets: list[int] = field(default_factory=lambda: [0] * len(TTFT_BUCKETS))
@@ -277,6 +278,7 @@ class Engine:
         for slot, req in enumerate(self.slots):
             if req is not None and req.cancelled:
                 self._finish(slot, "cancelled")
+        shared: dict[tuple[int, ...], tuple[int, torch.Tensor]] = {}  # this round's prefills, see _prefill
         while True:
             with self._cv:
                 free = next((i for i, r in enumerate(self.slots) if r is None), None)
@@ -286,7 +288,7 @@ class Engine:
             if req.cancelled:
                 self._complete(req, "cancelled")
                 continue
-            self._prefill(free, req)
+            self._prefill(free, req, shared)
             self.deliver()
         if self.num_active:
             self._decode()
@@ -312,13 +314,27 @@ class Engine:
 
     # -- prefill and decode ------------------------------------------------------------
     @torch.inference_mode()
-    def _prefill(self, slot: int, req: Request) -> None:
+    def _prefill(self, slot: int, req: Request, shared: dict | None = None) -> None:
+        """The prompt into the cache at `slot`, and the request's first token. `shared` maps
+        the prompts prefilled earlier in this scheduler round (no decode step in between) to
+        (slot, last logits): a request with the same prompt (n samples of one prompt, a GRPO
+        group) copies that slot's keys and values and those logits instead of computing
+        them again; the same computation on the same tokens, so the same numbers."""
         self.slots[slot] = req
         p = req.params
         T = len(req.prompt_ids)
         ids = torch.tensor([req.prompt_ids], dtype=torch.int64, device=self.device)
         prompt_k = p.prompt_logprobs
-        if self.native_step is not None and T <= self.native_step.max_prefill:
+        key = tuple(req.prompt_ids)
+        if shared is not None:
+            for k in [k for k, (at, _) in shared.items() if at == slot]:  # this slot is written anew
+                del shared[k]
+        if shared is not None and key in shared and prompt_k is None:
+            source, logits = shared[key]
+            self.cache.k[:, slot, :, :T] = self.cache.k[:, source, :, :T]
+            self.cache.v[:, slot, :, :T] = self.cache.v[:, source, :, :T]
+            self.stats.prompt_tokens_shared += T
+        elif self.native_step is not None and T <= self.native_step.max_prefill:
             logits = self.native_step.prefill(slot, ids[0], all_rows=prompt_k is not None)
             before, to_logits = logits[:-1], None
             logits = logits[-1:]
@@ -329,6 +345,8 @@ class Engine:
                                                cache=self.cache.prefill(slot, T))
             logits = self.model.logits(hidden[:, -1]).float()
             before, to_logits = hidden[0, :-1], self.model.logits
+        if shared is not None:
+            shared[key] = (slot, logits)
         if prompt_k is not None:
             req.prompt_logprobs = [None]
             for start in range(0, T - 1, PROMPT_LOGPROB_CHUNK):
