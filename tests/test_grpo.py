@@ -77,6 +77,7 @@ def test_equal_rewards_give_zero_advantage_and_zero_gradient(tok, model):  # noq
     lp[labels != -100] = logp
     batch = {"input_ids": ids, "labels": labels, "rollout_logps": lp - 0.05, "ref_logps": lp,
              "advantages": adv.flatten(), "rewards": torch.full((4,), 0.5), "group_std": torch.zeros(4),
+             "truncated": torch.zeros(4),
              "completion_len": torch.full((4,), 3), "num_tokens": torch.full((4,), 3)}
     for beta in (0.0, 0.1):  # with the KL term: the policy equals the reference, so its gradient is 0
         loss, _ = GRPO(0.2, beta)(m, batch)
@@ -177,11 +178,12 @@ def test_rollouts_match_the_trainer_log_probs_and_repeat(tok, model, lora):  # n
                     p.normal_(0, 0.05)
     m.train()
 
-    def rollouts():
+    def rollouts(overlong_penalty=0.0):
         sampler = Sampler(m, tok, get_device("cpu"), max_len=96, slots=8)
         return Rollouts(sampler, Identity(), [load_reward("identity_fact")], group_size=4, batch_size=8,
                         max_new_tokens=12, temperature=1.0, top_p=1.0, top_k=0, seed=5, beta=0.1,
-                        reference=None if lora else copy.deepcopy(m), pad_id=tok.pad_id)
+                        reference=None if lora else copy.deepcopy(m), pad_id=tok.pad_id,
+                        overlong_penalty=overlong_penalty)
     stream = rollouts()
     batch = stream.batch(0, 8)
     assert m.training  # the engine put it back
@@ -193,6 +195,14 @@ def test_rollouts_match_the_trainer_log_probs_and_repeat(tok, model, lora):  # n
         assert metrics["kl"].item() > 0
     again = rollouts().batch(0, 8)  # seeded: the same completions from the same weights
     assert torch.equal(again["input_ids"], batch["input_ids"])
+    # a completion cut off at max_new_tokens (12 tokens, no stop token) loses overlong_penalty
+    labels = batch["labels"]
+    last = labels.gather(1, (labels != -100).cumsum(1).argmax(1, keepdim=True))[:, 0]  # each one's last token
+    cut = (batch["completion_len"] == 12) & ~torch.isin(last, torch.tensor(sorted(tok.stop_ids())))
+    assert torch.equal(batch["truncated"].bool(), cut) and cut.any()
+    penalised = rollouts(overlong_penalty=0.5).batch(0, 8)
+    assert torch.equal(penalised["input_ids"], batch["input_ids"])
+    assert torch.equal(penalised["rewards"], batch["rewards"] - 0.5 * cut)
     other = stream.batch(8, 8)  # the next step: other prompts or samples
     a, b = other["input_ids"], batch["input_ids"]
     assert a.shape != b.shape or not torch.equal(a, b)

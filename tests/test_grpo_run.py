@@ -46,6 +46,7 @@ def test_bad_config_is_refused_before_any_work(tmp_path):
     for setting, message in (("data.batch_size=6", "multiple of grpo.group_size"),
                              ("grpo.task='poetry'", "grpo.task = 'poetry'"),
                              ("grpo.clip_eps=0", "grpo.clip_eps = 0"),
+                             ("grpo.overlong_penalty=-1", "grpo.overlong_penalty = -1"),
                              ("grpo.rewards=['nope.py:f']", "no file nope.py")):
         with pytest.raises(ConfigError, match=message):
             load_grpo_config(cfg, ["grpo.group_size=4", setting])
@@ -62,13 +63,15 @@ def test_the_language_task_is_selected_from_the_config(tmp_path):
 
 
 def test_run_evaluates_logs_and_resumes_exactly(tmp_path, init_ckpt):  # noqa: F811
-    cfg_path = write_config(tmp_path / "c.toml", init_ckpt, tmp_path / "run", grpo__beta=0.05)
+    cfg_path = write_config(tmp_path / "c.toml", init_ckpt, tmp_path / "run", grpo__beta=0.05,
+                            grpo__overlong_penalty=0.25)
     result, evaluation = run_grpo(load_grpo_config(cfg_path), progress=False, log=quiet)
     assert result.stopped == "done" and result.step == 6
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 7))
     for r in records:
-        assert {"reward", "reward_group_std", "completion_len", "kl", "clip_frac", "logp_diff_max"} <= set(r)
+        assert {"reward", "reward_group_std", "completion_len", "truncated", "kl", "clip_frac",
+                "logp_diff_max"} <= set(r) and 0 <= r["truncated"] <= 1
         assert r["logp_diff_max"] <= 1e-4 and 0 < r["completion_len"] <= 8
     saved = json.loads((tmp_path / "run" / "eval.json").read_text())
     for when in ("before", "after"):

@@ -36,7 +36,8 @@ hash(run.seed, s, j, g), and prompt j of step s is the task's training problem s
 so a resumed run draws exactly the completions an uninterrupted one would.
 
 Logged per step (means over micro-batches): loss, reward (mean), reward_group_std (mean
-within-group standard deviation), completion_len (tokens), kl (beta > 0), clip_frac (share
+within-group standard deviation), completion_len (tokens), truncated (share of completions cut
+off at max_new_tokens; `overlong_penalty` is subtracted from their reward), kl (beta > 0), clip_frac (share
 of tokens where the clip is active), logp_diff_max (max |trainer - rollout| log-probability).
 """
 
@@ -97,7 +98,7 @@ class GRPO:
         ref = batch["ref_logps"][valid] if self.beta else None
         loss, metrics = grpo_loss(logp, old, batch["advantages"][rows], self.clip_eps, self.beta, ref)
         metrics.update(reward=batch["rewards"].mean(), reward_group_std=batch["group_std"].mean(),
-                       completion_len=batch["completion_len"].float().mean(),
+                       completion_len=batch["completion_len"].float().mean(), truncated=batch["truncated"].mean(),
                        logp_diff_max=(logp.detach() - old).abs().max())
         return loss, metrics
 
@@ -161,13 +162,14 @@ class Rollouts:
 
     def __init__(self, sampler: Sampler, task, rewards: list, *, group_size: int, batch_size: int,
                  max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int,
-                 beta: float = 0.0, reference=None, pad_id: int = 0) -> None:
+                 beta: float = 0.0, reference=None, pad_id: int = 0, overlong_penalty: float = 0.0) -> None:
         self.sampler, self.task, self.rewards = sampler, task, rewards
         self.group_size, self.batch_size = group_size, batch_size
         self.prompts_per_step = batch_size // group_size
         self.max_new_tokens, self.seed = max_new_tokens, seed
         self.sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k)
         self.beta, self.reference, self.pad_id = beta, reference, pad_id
+        self.overlong_penalty = overlong_penalty
         self.seq_len = sampler.max_len
         self._step, self._rows = -1, None
 
@@ -189,8 +191,11 @@ class Rollouts:
         requests = self.sampler.run([p for p in prompts for _ in range(G)], params)
         rewards = torch.tensor([total_reward(self.rewards, problems[i // G], r.text)
                                 for i, r in enumerate(requests)]).view(-1, G)
+        cut = torch.tensor([r.finish_reason == "length" for r in requests]).view(-1, G)
+        rewards = rewards - self.overlong_penalty * cut
         rows = self.rows([p for p in prompts for _ in range(G)], requests)
         rows.update(advantages=group_advantages(rewards).flatten(), rewards=rewards.flatten(),
+                    truncated=cut.flatten().float(),
                     group_std=rewards.std(1).repeat_interleave(G))
         if self.beta:
             rows["ref_logps"] = self.reference_logps(rows)

@@ -14,6 +14,8 @@ The config is a training config ([run] [data] [optim] [train], as for `sft`; no 
       max_new_tokens    the longest completion (default 16)
       temperature, top_p, top_k   rollout sampling (default 1.0, 1.0, 0)
       clip_eps          the ratio clip (default 0.2)
+      overlong_penalty  subtracted from the reward of a completion cut off at max_new_tokens
+                        (no stop token): DAPO's overlong punishment; 0 (default) leaves it as scored
       beta              the KL coefficient; 0 (default) needs no reference
       rollout_slots     the engine's concurrent sequences; 0 (default): data.batch_size
       force             start even if the init checkpoint's last handoff failed
@@ -59,6 +61,7 @@ class GRPOSection:
     top_p: float = 1.0
     top_k: int = 0
     clip_eps: float = 0.2
+    overlong_penalty: float = 0.0
     beta: float = 0.0
     rollout_slots: int = 0
     force: bool = False
@@ -93,6 +96,7 @@ def load_grpo_config(path: str | Path, overrides: list[str] = ()) -> GRPOConfig:
             raise ConfigError(f"grpo.{key} = {getattr(g, key)}: must be >= 1")
     for key, value, ok, allowed in (("clip_eps", g.clip_eps, 0 < g.clip_eps < 1, "in (0, 1)"),
                                     ("beta", g.beta, g.beta >= 0, ">= 0"),
+                                    ("overlong_penalty", g.overlong_penalty, g.overlong_penalty >= 0, ">= 0"),
                                     ("temperature", g.temperature, g.temperature > 0, "> 0"),
                                     ("top_p", g.top_p, 0 < g.top_p <= 1, "in (0, 1]"),
                                     ("top_k", g.top_k, g.top_k >= 0, ">= 0 (0: off)"),
@@ -156,7 +160,7 @@ def run_grpo(cfg: GRPOConfig, *, resume: bool = False, force: bool = False, prog
         stream = Rollouts(sampler, cfg.task, cfg.reward_fns, group_size=g.group_size,
                           batch_size=tcfg.data.batch_size, max_new_tokens=g.max_new_tokens,
                           temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, seed=tcfg.run.seed,
-                          beta=g.beta, reference=reference, pad_id=pad)
+                          beta=g.beta, reference=reference, pad_id=pad, overlong_penalty=g.overlong_penalty)
         result = train(tcfg, GRPO(g.clip_eps, g.beta), stream, None, resume=resume, model=model,
                        tokenizer_dir=g.init, progress=progress, log=log, device=device)
         # a run ended by train.max_minutes is a finished run too: it is evaluated like one
