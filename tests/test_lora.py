@@ -48,6 +48,40 @@ def test_merged_logits_match_unmerged():
     assert not any("lora" in n for n in model.state_dict())
 
 
+def test_merged_context_runs_one_gemm_per_layer_and_follows_the_adapter():
+    """`LoRA.merged()` (GRPO's rollouts): the same logits up to rounding, one F.linear per
+    adapted layer; the adapter's next values are merged on the next entry (its buffer
+    reused); training forwards outside it are untouched; half-precision weights refused."""
+    model, lora = lora_model()
+    ids = torch.randint(0, CFG.vocab_size, (2, 24))
+    calls = []
+    with torch.no_grad():
+        unmerged = model(ids)
+        with lora.merged():
+            linear = torch.nn.functional.linear
+            torch.nn.functional.linear = lambda *a, **k: calls.append(1) or linear(*a, **k)
+            try:
+                merged = model(ids)
+            finally:
+                torch.nn.functional.linear = linear
+        assert (merged - unmerged).abs().max().item() <= 1e-5
+        assert len(calls) == len(lora.modules()) + 1  # one GEMM each, and the output head
+        assert all(m.merged is None for m in lora.modules().values())
+        buffers = [m._merge_buffer for m in lora.modules().values()]
+        for m in lora.modules().values():
+            m.lora_B.mul_(2)
+        moved = model(ids)
+        with lora.merged():
+            assert (model(ids) - moved).abs().max().item() <= 1e-5
+        assert all(m._merge_buffer is b for m, b in zip(lora.modules().values(), buffers))
+    half, half_lora = lora_model()
+    half.to(torch.bfloat16)
+    assert not half_lora.can_merge()
+    with pytest.raises(ValueError, match="float32 weights"):
+        with half_lora.merged():
+            pass
+
+
 def test_adapter_state_round_trip():
     model, lora = lora_model()
     other, other_lora = lora_model(seed=5)

@@ -68,10 +68,20 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
         self.scale = alpha / rank
         self.dropout = dropout
+        self.merged: torch.Tensor | None = None  # W + B A * scale while `LoRA.merged()` lasts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged is not None:
+            return F.linear(x, self.merged, self.bias)
         h = F.dropout(x, self.dropout, self.training) if self.dropout else x
-        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scale
+        y = F.linear(x, self.weight, self.bias)
+        low = F.linear(h, self.lora_A)
+        # y + scale * low @ B.T as one GEMM (its epilogue adds and scales): no product
+        # tensor, no separate multiply and add over the output, which cost as much as
+        # the low-rank GEMMs themselves in decode steps and short GRPO rows
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), low.reshape(-1, low.shape[-1]), self.lora_B.t(),
+                          alpha=self.scale)
+        return out.view(y.shape)
 
     def delta(self) -> torch.Tensor:
         """The update B A * scale, in float32."""
@@ -99,6 +109,36 @@ class LoRA:
         finally:
             for m, scale in zip(mods, scales):
                 m.scale = scale
+
+    def can_merge(self) -> bool:
+        """Whether `merged()` keeps the update: the weights are float32 (float32 training or
+        float32 master weights). A half-precision weight would round most of a small update
+        away, and the merged model would no longer be the one being trained."""
+        return all(m.weight.dtype == torch.float32 for m in self.modules().values())
+
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def merged(self):
+        """For as long as the context lasts, every adapted layer runs one GEMM with its
+        merged weight W + B A * scale (computed on entry, into a buffer kept for the next
+        time) instead of three: for inference on the live model (GRPO's rollouts), where the
+        low-rank GEMMs and the add cost as much as the layer itself. The same function up to
+        float rounding; no gradients (the weights are not leaves). Float32 weights only
+        (`can_merge`)."""
+        if not self.can_merge():
+            raise ValueError("LoRA.merged needs float32 weights; these are "
+                             f"{sorted({str(m.weight.dtype) for m in self.modules().values()})}")
+        mods = list(self.modules().values())
+        for m in mods:
+            buf = getattr(m, "_merge_buffer", None)
+            if buf is None or buf.shape != m.weight.shape or buf.device != m.weight.device:
+                buf = m._merge_buffer = torch.empty_like(m.weight)
+            m.merged = torch.addmm(m.weight, m.lora_B, m.lora_A, alpha=m.scale, out=buf)
+        try:
+            yield self.model
+        finally:
+            for m in mods:
+                m.merged = None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter matrices, "<module>.lora_A" / "<module>.lora_B", on the CPU."""
