@@ -50,7 +50,8 @@ def settings(args):
     overrides = [f"grpo.init={json.dumps(str(args.ckpt))}", f"run.out={json.dumps(tempfile.mkdtemp())}",
                  "run.device='cpu'", "run.dtype='float32'", f"run.activation_checkpointing={str(args.ac).lower()}",
                  "grpo.evaluate=false", f"train.steps={args.warmup + args.steps}", "optim.warmup_steps=0",
-                 "optim.schedule='constant'", "optim.fused='on'", "data.micro_batch=0", *args.set]
+                 "optim.schedule='constant'", "optim.fused='on'", "data.micro_batch=0",
+                 "grpo.overlong_penalty=0", *args.set]  # TRL's GRPOTrainer has no overlong penalty
     return load_grpo_config(args.recipe, overrides)
 
 
