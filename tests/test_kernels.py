@@ -285,6 +285,33 @@ def test_native_step_beside_native_bfloat16_agrees_up_to_rounding(monkeypatch):
     assert all(((a.float() - b.float()).abs().max() <= 0.03 * b.float().abs().max()) for a, b in zip(kv, want_kv))
 
 
+@pytest.mark.parametrize("amx", [False, True], ids=["avx512_bf16", "amx"])
+def test_native_half_prefills_longer_prompts_natively_without_amx(monkeypatch, amx):
+    """Where bfloat16 is native through AVX512-BF16 alone, prompts of up to
+    NATIVE_PREFILL_MAX_ROWS tokens are prefilled by the native step (torch's bfloat16 GEMM has
+    no matrix unit behind it there); with AMX only decode-sized ones. The native prefill's
+    logits agree with the model's to bfloat16 rounding noise."""
+    import chipshift.devices as devices
+
+    flags = (devices.cpu_flags() - {"amx_bf16"}) | ({"amx_bf16"} if amx else set())
+    monkeypatch.setattr(devices, "cpu_flags", lambda: flags)
+    engine, _, _ = _engine_after_prefill(monkeypatch, "native", False, [4])
+    step = engine.native_step
+    assert step.max_rows == kernels.NATIVE_KERNEL_MAX_ROWS
+    assert step.max_prefill == (kernels.NATIVE_KERNEL_MAX_ROWS if amx else kernels.NATIVE_PREFILL_MAX_ROWS)
+    assert kernels.prefill_max_rows(False, amx) == kernels.KERNEL_MAX_ROWS  # emulating CPUs: as before
+    prompt = torch.randint(0, engine.cfg.vocab_size, (20,), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        want = engine.model.logits(engine.model.forward_hidden(
+            prompt[None], cache=engine.cache.prefill(1, 20))[:, -1]).float()
+        if amx:
+            with pytest.raises(ValueError, match="at most 8"):
+                step.prefill(1, prompt)
+            return
+        got = step.prefill(1, prompt)
+    assert (got - want).abs().max() <= 0.03 * want.abs().max()
+
+
 def test_engine_decodes_through_the_model_beyond_the_native_steps_rows(monkeypatch):
     """Batches larger than the native step's max_rows take the model's path; tokens agree with
     an engine without the native step."""

@@ -301,19 +301,23 @@ class PrecisionPolicy:
     def decode_step(self, model: torch.nn.Module, cache: Any) -> Decision:
         """Where the inference twin runs: chipshift's native decode step for the engine
         (`kernels.DecodeStep`, the model's whole step in one call, none of PyTorch's
-        per-operator overhead), for up to as many rows as the twin sends through the kernel.
-        Its value is None elsewhere, and the engine decodes through the model."""
+        per-operator overhead), for up to as many rows as the twin sends through the kernel,
+        and prompts of up to `kernels.prefill_max_rows` tokens (more than that where bfloat16
+        is native without AMX). Its value is None elsewhere, and the engine decodes through the model."""
         dtype = model.dtype
         twin = self.inference_twin(dtype, quantized=_is_quantized(model))
         if not twin.value:
             return Decision(None, twin.reason)
-        from chipshift.devices import kernels
+        from chipshift.devices import cpu_flags, kernels
 
+        native = self.half_native(dtype).value
         try:
-            step = kernels.DecodeStep(model, cache, kernels.twin_max_rows(self.half_native(dtype).value))
+            step = kernels.DecodeStep(model, cache, kernels.twin_max_rows(native),
+                                      kernels.prefill_max_rows(native, amx="amx_bf16" in cpu_flags()))
         except kernels.Unavailable as exc:
             return Decision(None, f"decode through the model (no native decode step: {exc})")
-        return Decision(step, f"decode steps of up to {step.max_rows} rows in one native call")
+        return Decision(step, f"decode steps of up to {step.max_rows} rows (prompts of up to "
+                              f"{step.max_prefill} tokens) in one native call")
 
     # -- the whole table ---------------------------------------------------------------------
     def report(self) -> dict[str, dict]:
