@@ -127,7 +127,8 @@ def test_requests_with_one_prompt_share_its_prefill_and_sample_as_if_alone(dtype
         first, rest = r.logprobs[0], r.logprobs[1:]  # the prefill's exactly; decode steps batch 5 rows, not 1
         assert (first.token, first.logprob, first.top) == (want.logprobs[0].token, want.logprobs[0].logprob,
                                                            want.logprobs[0].top)
-        assert [e.logprob for e in rest] == pytest.approx([e.logprob for e in want.logprobs[1:]], abs=1e-5)
+        near = 1e-5 if dtype == torch.float32 else 5e-2  # bfloat16 GEMMs of 5 rows and of 1 round apart
+        assert [e.logprob for e in rest] == pytest.approx([e.logprob for e in want.logprobs[1:]], abs=near)
     engine = Engine(model, max_batch=2)
     asks = [engine.submit(Request(list(PROMPTS[2]), SamplingParams(max_tokens=2, prompt_logprobs=1, stop_ids=())))
             for _ in range(2)]
