@@ -50,3 +50,26 @@ def test_sft_then_dpo_on_smollm2_still_knows_paris(tmp_path, smollm2, lora):
     assert dpo.name == "step_00000003"
     for ckpt in (sft, dpo):
         assert "Paris" in capital_of_france(ckpt), ckpt
+
+
+@pytest.mark.timeout(1200)
+def test_grpo_recipe_shortened_learns_to_stop_and_raises_its_reward(tmp_path, smollm2):
+    """The GRPO acceptance run (recipes/grpo_smollm2.toml, 28 minutes) shortened to 8 steps:
+    the base model's completions mostly run to the 12-token limit; within 8 steps the
+    overlong penalty has taught it to answer and stop, the rollout reward has risen, the
+    trainer-to-rollout log-probabilities agree within 1e-4 (float32), and eval.json holds
+    held-out pass@1 before and after (measured at 8 steps here; the full run's figures are
+    in docs/posttrain.md)."""
+    import json
+
+    chipshift("grpo", "recipes/grpo_smollm2.toml", "--set", f"grpo.init='{smollm2}'", "--set", "train.steps=8",
+              "--set", "train.ckpt_every=8", "--set", "grpo.eval_problems=10", "--no-progress", "--out", tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    first, last = records[:2], records[-3:]
+    assert sum(r["truncated"] for r in first) / 2 > 0.5 > max(r["truncated"] for r in last)
+    assert sum(r["reward"] for r in last) / 3 > sum(r["reward"] for r in first) / 2 + 0.3
+    assert max(r["logp_diff_max"] for r in records) <= 1e-4
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["steps"] == 8 and {"pass@1"} <= set(saved["before"]) & set(saved["after"])
+    assert (tmp_path / "reward.png").stat().st_size > 0
