@@ -278,7 +278,7 @@ class Engine:
         for slot, req in enumerate(self.slots):
             if req is not None and req.cancelled:
                 self._finish(slot, "cancelled")
-        shared: dict[tuple[int, ...], tuple[int, torch.Tensor]] = {}  # this round's prefills, see _prefill
+        shared: dict = {}  # this round's prefills, see _prefill
         while True:
             with self._cv:
                 free = next((i for i, r in enumerate(self.slots) if r is None), None)
@@ -314,7 +314,7 @@ class Engine:
 
     # -- prefill and decode ------------------------------------------------------------
     @torch.inference_mode()
-    def _prefill(self, slot: int, req: Request, shared: dict | None = None) -> None:
+    def _prefill(self, slot: int, req: Request, shared: dict[tuple[int, ...], tuple[int, torch.Tensor]]) -> None:
         """The prompt into the cache at `slot`, and the request's first token. `shared` maps
         the prompts prefilled earlier in this scheduler round (no decode step in between) to
         (slot, last logits): a request with the same prompt (n samples of one prompt, a GRPO
@@ -326,10 +326,9 @@ class Engine:
         ids = torch.tensor([req.prompt_ids], dtype=torch.int64, device=self.device)
         prompt_k = p.prompt_logprobs
         key = tuple(req.prompt_ids)
-        if shared is not None:
-            for k in [k for k, (at, _) in shared.items() if at == slot]:  # this slot is written anew
-                del shared[k]
-        if shared is not None and key in shared and prompt_k is None:
+        for k in [k for k, (at, _) in shared.items() if at == slot]:  # this slot is written anew
+            del shared[k]
+        if key in shared and prompt_k is None:
             source, logits = shared[key]
             self.cache.k[:, slot, :, :T] = self.cache.k[:, source, :, :T]
             self.cache.v[:, slot, :, :T] = self.cache.v[:, source, :, :T]
@@ -345,8 +344,7 @@ class Engine:
                                                cache=self.cache.prefill(slot, T))
             logits = self.model.logits(hidden[:, -1]).float()
             before, to_logits = hidden[0, :-1], self.model.logits
-        if shared is not None:
-            shared[key] = (slot, logits)
+        shared[key] = (slot, logits)
         if prompt_k is not None:
             req.prompt_logprobs = [None]
             for start in range(0, T - 1, PROMPT_LOGPROB_CHUNK):

@@ -125,10 +125,10 @@ class LoRA:
         low-rank GEMMs and the add cost as much as the layer itself. The same function up to
         float rounding; no gradients (the weights are not leaves). Float32 weights only
         (`can_merge`)."""
-        if not self.can_merge():
-            raise ValueError("LoRA.merged needs float32 weights; these are "
-                             f"{sorted({str(m.weight.dtype) for m in self.modules().values()})}")
         mods = list(self.modules().values())
+        if any(m.weight.dtype != torch.float32 for m in mods):  # `can_merge`, on the modules in hand
+            dtypes = sorted({str(m.weight.dtype) for m in mods})
+            raise ValueError(f"LoRA.merged needs float32 weights; these are {dtypes}")
         for m in mods:
             buf = getattr(m, "_merge_buffer", None)
             if buf is None or buf.shape != m.weight.shape or buf.device != m.weight.device:

@@ -134,11 +134,11 @@ class Sampler:
     @torch.no_grad()
     def run(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Request]:
         was_training = self.model.training
+        adapter = getattr(self.model, "adapter", None)
         if self._engine is None:
             self._engine = Engine(self.model, self.tok, max_batch=self.slots, max_len=self.max_len,
-                                  kernels=getattr(self.model, "adapter", None) is None, target=self.device)
+                                  kernels=adapter is None, target=self.device)
         self.model.eval()
-        adapter = getattr(self.model, "adapter", None)
         merged = adapter.merged() if adapter is not None and adapter.can_merge() else contextlib.nullcontext()
         try:
             with merged:
