@@ -148,6 +148,17 @@ def _check_stage_settings(name: str, kind: str, settings: dict) -> dict:
     return out
 
 
+def _pipeline_run(name: str, run: dict, *, out_dir: Path, device: str, dtype: str, seed: int, emulate: str) -> None:
+    """A stage's [run] section: the keys the pipeline sets are refused if the recipe sets them,
+    then filled in (the seed only where the stage has none)."""
+    for key in ("out", "device", "dtype", "emulate"):
+        if key in run:
+            raise ConfigError(f"stages.{name}.run.{key}: set by the pipeline (use stages.{name}."
+                              f"{'name' if key == 'out' else key})")
+    run.setdefault("seed", seed)
+    run.update(out=str(out_dir), device=device, dtype=dtype, **({"emulate": emulate} if emulate else {}))
+
+
 def training_config(name: str, kind: str, settings: dict, *, out_dir: Path, device: str, dtype: str,
                     seed: int, data_dir: str = "", emulate: str = ""):
     """The `TrainConfig` of a training stage (validated by chipshift.train.config), with the
@@ -157,12 +168,7 @@ def training_config(name: str, kind: str, settings: dict, *, out_dir: Path, devi
     raw = {s: dict(settings.get(s) or {}) for s in TRAIN_SECTIONS if s != "model"}
     if settings.get("model"):
         raw["model"] = dict(settings["model"])
-    for key in ("out", "device", "dtype", "emulate"):
-        if key in raw["run"]:
-            raise ConfigError(f"stages.{name}.run.{key}: set by the pipeline; use stages.{name}."
-                              f"{'name' if key == 'out' else key}")
-    raw["run"].setdefault("seed", seed)
-    raw["run"].update(out=str(out_dir), device=device, dtype=dtype, emulate=emulate)
+    _pipeline_run(name, raw["run"], out_dir=out_dir, device=device, dtype=dtype, seed=seed, emulate=emulate)
     if kind == "pretrain":
         raw["data"].setdefault("dir", data_dir)
     try:
@@ -179,14 +185,9 @@ def posttrain_config(name: str, kind: str, settings: dict, *, out_dir: Path, dev
     from chipshift.train.posttrain_run import load_posttrain_config
 
     raw = {s: dict(settings.get(s) or {}) for s in (*TRAIN_SECTIONS, kind, "lora") if s != "model"}
-    for key in ("out", "device", "dtype", "emulate"):
-        if key in raw["run"]:
-            raise ConfigError(f"stages.{name}.run.{key}: set by the pipeline (use stages.{name}."
-                              f"{'name' if key == 'out' else key})")
     if "init" in raw[kind]:
         raise ConfigError(f"stages.{name}.{kind}.init: set by the pipeline (use stages.{name}.from)")
-    raw["run"].setdefault("seed", seed)
-    raw["run"].update(out=str(out_dir), device=device, dtype=dtype, **({"emulate": emulate} if emulate else {}))
+    _pipeline_run(name, raw["run"], out_dir=out_dir, device=device, dtype=dtype, seed=seed, emulate=emulate)
     raw[kind]["init"] = init
     write_toml({k: v for k, v in raw.items() if v}, config_path)
     try:
