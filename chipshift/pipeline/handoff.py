@@ -28,26 +28,18 @@ def handoff_before(ctx: Context, st: Stage, chain: str) -> None:
         key = f"handoff.{st.name}"
         fp = hashlib.sha256(f"{chain}{a}{b}{sorted(st.handoff.items())}".encode()).hexdigest()[:16]
         rec = ctx.state.data["stages"].get(key) or {}
-        same = [r for k, r in ctx.state.data["stages"].items() if k != key and r.get("kind") == "handoff"
-                and r.get("status") == "done" and r["result"]["checkpoint"] == str(ckpt)
-                and (r["result"]["from"], r["result"]["to"]) == (":".join(a), ":".join(b))
-                and r.get("settings", {}) == st.handoff]
-        if same and rec.get("fingerprint") != fp:  # this checkpoint already made this move: one check is enough
-            ctx.state.data["stages"][key] = {**same[0], "fingerprint": fp, "to_stage": st.name, "seconds": 0.0,
-                                            "reused": True}
-            ctx.state.save()
-            print(f"== handoff {src.name} -> {st.name}: verified already ({same[0]['result']['verdict']})")
+        frm, to = ":".join(a), ":".join(b)
+        if rec.get("fingerprint") != fp and _reused(ctx, key, fp, st, ckpt, frm, to,
+                                                    f"handoff {src.name} -> {st.name}: verified already"):
+            pass  # this checkpoint already made this move: one check is enough
         elif rec.get("fingerprint") != fp or rec.get("status") not in ("done", "failed"):
-            frm, to = ":".join(a), ":".join(b)
             print(f"== handoff {src.name} -> {st.name}: {frm} -> {to}", flush=True)
             t0 = time.perf_counter()
-            dump = {k: v for k, v in st.handoff.items() if k in HANDOFF_DUMP_KEYS}
-            thresholds = {k: v for k, v in st.handoff.items() if k not in HANDOFF_DUMP_KEYS}
+            dump, thresholds = _dump_and_thresholds(st.handoff)
             record, result = handoff(ckpt, frm, to, out=ctx.run_dir / "handoffs" / f"{src.name}-to-{st.name}",
                                      thresholds=thresholds, progress=ctx.progress, **dump)
             report_dir = Path(record["report"]).parent
-            worst = {d: max((r.get("error", 0.0) or 0.0 for r in result["modules"][d]), default=0.0)
-                     for d in result["modules"]}
+            worst = _worst_errors(result)
             ctx.state.data["stages"][key] = {
                 "kind": "handoff", "status": "done" if record["verdict"] != "fail" else "failed",
                 "fingerprint": fp, "from_stage": src.name, "to_stage": st.name, "seconds": time.perf_counter() - t0,
@@ -76,24 +68,15 @@ def rehearsal_before(ctx: Context, st: Stage, src: Stage, ckpt: Path, chain: str
         return
     target = resolve(st.emulate)
     frm, to = f"{':'.join(a)} ({trusted})", f"{st.device} emulating {target.label}"
-    same = [r for k, r in ctx.state.data["stages"].items() if k != key and r.get("emulated")
-            and r["result"]["checkpoint"] == str(ckpt) and (r["result"]["from"], r["result"]["to"]) == (frm, to)
-            and r.get("settings", {}) == st.handoff]
-    if same:  # this checkpoint's move was rehearsed already (for another stage)
-        ctx.state.data["stages"][key] = {**same[0], "fingerprint": fp, "to_stage": st.name, "seconds": 0.0,
-                                        "reused": True}
-        ctx.state.save()
-        print(f"== rehearsal (emulated) {src.name} -> {st.name}: rehearsed already ({same[0]['result']['verdict']})")
-        return
+    if _reused(ctx, key, fp, st, ckpt, frm, to, f"rehearsal (emulated) {src.name} -> {st.name}: rehearsed already"):
+        return  # this checkpoint's move was rehearsed already (for another stage)
     print(f"== rehearsal (emulated) {src.name} -> {st.name}: {frm} -> {to}", flush=True)
     t0 = time.perf_counter()
-    dump = {k: v for k, v in st.handoff.items() if k in HANDOFF_DUMP_KEYS}
-    thresholds = {k: v for k, v in st.handoff.items() if k not in HANDOFF_DUMP_KEYS}
+    dump, thresholds = _dump_and_thresholds(st.handoff)
     out = ctx.run_dir / "handoffs" / f"{src.name}-to-{st.name}-rehearsal"
     result = rehearse(ckpt, st.emulate, trusted=trusted, device=a[0], out=out, thresholds=thresholds,
                       progress=ctx.progress, **dump)
-    worst = {d: max((r.get("error", 0.0) or 0.0 for r in result["modules"][d]), default=0.0)
-             for d in result["modules"]}
+    worst = _worst_errors(result)
     ctx.state.data["stages"][key] = {
         "kind": "handoff", "status": "done", "emulated": True, "fingerprint": fp, "from_stage": src.name,
         "to_stage": st.name, "seconds": time.perf_counter() - t0, "settings": st.handoff,
@@ -106,3 +89,29 @@ def rehearsal_before(ctx: Context, st: Stage, src: Stage, ckpt: Path, chain: str
     ctx.state.save()
     print(f"  predicted: {result['verdict']} (emulated; gates nothing)", flush=True)
 
+
+def _reused(ctx: Context, key: str, fp: str, st: Stage, ckpt: Path, frm: str, to: str, message: str) -> bool:
+    """Record under `key` a finished check of the same move of the same checkpoint (made for
+    another stage, with the same settings), if there is one; True when there was."""
+    same = [r for k, r in ctx.state.data["stages"].items() if k != key and r.get("kind") == "handoff"
+            and r.get("status") == "done" and r["result"]["checkpoint"] == str(ckpt)
+            and (r["result"]["from"], r["result"]["to"]) == (frm, to) and r.get("settings", {}) == st.handoff]
+    if not same:
+        return False
+    ctx.state.data["stages"][key] = {**same[0], "fingerprint": fp, "to_stage": st.name, "seconds": 0.0,
+                                    "reused": True}
+    ctx.state.save()
+    print(f"== {message} ({same[0]['result']['verdict']})")
+    return True
+
+
+def _dump_and_thresholds(settings: dict) -> tuple[dict, dict]:
+    """A stage's handoff table split into the dump's batch settings and the parity thresholds."""
+    dump = {k: v for k, v in settings.items() if k in HANDOFF_DUMP_KEYS}
+    return dump, {k: v for k, v in settings.items() if k not in HANDOFF_DUMP_KEYS}
+
+
+def _worst_errors(result: dict) -> dict:
+    """The largest module error per direction (forward, backward) of a comparison."""
+    return {d: max((r.get("error", 0.0) or 0.0 for r in result["modules"][d]), default=0.0)
+            for d in result["modules"]}
