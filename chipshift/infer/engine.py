@@ -314,10 +314,11 @@ class Engine:
 
     # -- prefill and decode ------------------------------------------------------------
     @torch.inference_mode()
-    def _prefill(self, slot: int, req: Request, shared: dict[tuple[int, ...], tuple[int, torch.Tensor]]) -> None:
+    def _prefill(self, slot: int, req: Request,
+                 shared: dict[tuple[int, ...], tuple[int, torch.Tensor]] | None = None) -> None:
         """The prompt into the cache at `slot`, and the request's first token. `shared` maps
         the prompts prefilled earlier in this scheduler round (no decode step in between) to
-        (slot, last logits): a request with the same prompt (n samples of one prompt, a GRPO
+        (slot, last logits) (none given: nothing to share): a request with the same prompt (n samples of one prompt, a GRPO
         group) copies that slot's keys and values and those logits instead of computing
         them again; the same computation on the same tokens, so the same numbers."""
         self.slots[slot] = req
@@ -325,7 +326,7 @@ class Engine:
         T = len(req.prompt_ids)
         ids = torch.tensor([req.prompt_ids], dtype=torch.int64, device=self.device)
         prompt_k = p.prompt_logprobs
-        key = tuple(req.prompt_ids)
+        key, shared = tuple(req.prompt_ids), {} if shared is None else shared
         for k in [k for k, (at, _) in shared.items() if at == slot]:  # this slot is written anew
             del shared[k]
         if key in shared and prompt_k is None:
