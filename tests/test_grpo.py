@@ -13,7 +13,7 @@ from chipshift.errors import ChipshiftError, ConfigError
 from chipshift.devices import get_device
 from chipshift.model.lora import LoRAConfig, apply_lora
 from chipshift.model.transformer import build_model
-from chipshift.train.grpo import GRPO, Rollouts, Sampler, group_advantages, grpo_loss
+from chipshift.train.grpo import GRPO, Rollouts, Sampler, group_advantages, grpo_loss, informative_first
 from chipshift.train.rewards import (Arithmetic, Identity, Problem, ReplyLanguage, answer_tag, arithmetic_correct,
                                      build_task, load_reward, same_language, score, script_language,
                                      tagged_answer_correct)
@@ -206,3 +206,36 @@ def test_rollouts_match_the_trainer_log_probs_and_repeat(tok, model, lora):  # n
     other = stream.batch(8, 8)  # the next step: other prompts or samples
     a, b = other["input_ids"], batch["input_ids"]
     assert a.shape != b.shape or not torch.equal(a, b)
+
+
+def test_informative_first_keeps_groups_that_differ_in_drawn_order():
+    rewards = torch.tensor([[1., 1., 1.], [0., 1., 0.], [0., 0., 0.], [1., 0., 1.], [2., 2., 2.], [0., 0., 1.]])
+    assert informative_first(rewards, 2) == [1, 3]
+    assert informative_first(rewards, 3) == [1, 3, 5]
+    assert informative_first(rewards, 4) == [0, 1, 3, 5]  # too few differ: the first that agree fill
+    assert informative_first(rewards, 6) == list(range(6))
+
+
+def test_oversampled_rollouts_train_on_the_groups_with_signal(tok, model):  # noqa: F811
+    m = build_model(model.cfg, seed=3).train()
+    sampler = Sampler(m, tok, get_device("cpu"), max_len=96, slots=16)
+
+    def stream(oversample, batch_size=8):
+        return Rollouts(sampler, Identity(), [load_reward("identity_fact")], group_size=4, batch_size=batch_size,
+                        max_new_tokens=12, temperature=1.0, top_p=1.0, top_k=0, seed=5, pad_id=tok.pad_id,
+                        overlong_penalty=0.5, oversample=oversample)
+    plain, over = stream(1), stream(4)
+    assert len(over.problems(1)) == 8 and over.problems(0)[:2] == plain.problems(0)
+    kept = over.rollout(0)  # 8 groups sampled, 2 trained on
+    everything = stream(1, batch_size=32).rollout(0)  # the same 8 groups (same problems and seeds), all kept
+    rewards = everything["rewards"].view(8, 4)
+    differ = rewards.max(1).values > rewards.min(1).values
+    assert differ.sum() >= 2  # this seed: enough groups carry signal, so both kept ones do
+    keep = informative_first(rewards, 2)
+    assert kept["input_ids"].shape[0] == 8 and (kept["group_std"] > 0).all()
+    assert torch.equal(kept["rewards"], rewards[keep].flatten())
+    width = kept["input_ids"].shape[1]
+    assert torch.equal(kept["input_ids"], everything["input_ids"].view(8, 4, -1)[keep].flatten(0, 1)[:, :width])
+    assert kept["groups_with_signal"][0].item() == pytest.approx(differ.float().mean().item())
+    _, metrics = GRPO(0.2)(m, kept)
+    assert metrics["groups_with_signal"].item() == pytest.approx(differ.float().mean().item())

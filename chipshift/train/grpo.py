@@ -32,12 +32,19 @@ probabilities are computed once per rollout, beside the completions. beta = 0 (t
 default, as TRL's) needs no reference, and `kl` is then not logged.
 
 Rollouts are seeded: completion g of prompt j at step s samples with the seed
-hash(run.seed, s, j, g), and prompt j of step s is the task's training problem s * P + j,
-so a resumed run draws exactly the completions an uninterrupted one would.
+hash(run.seed, s, j, g), and prompt j of step s is the task's training problem s * P * F + j
+(F = `oversample`), so a resumed run draws exactly the completions an uninterrupted one would.
+
+Dynamic sampling (DAPO's, `oversample` F > 1): each step samples F x P prompts' groups and
+trains on P of them, those whose rewards differ first (in their drawn order), then, only if
+too few differ, groups that agree. A group that agrees carries no advantage (with beta = 0 no
+gradient at all), so once the policy answers most prompts alike, oversampling keeps every
+step's batch full of signal for the price of F times the rollouts.
 
 Logged per step (means over micro-batches): loss, reward (mean), reward_group_std (mean
 within-group standard deviation), completion_len (tokens), truncated (share of completions cut
-off at max_new_tokens; `overlong_penalty` is subtracted from their reward), kl (beta > 0), clip_frac (share
+off at max_new_tokens; `overlong_penalty` is subtracted from their reward), groups_with_signal (share
+of the sampled groups whose rewards differ, before selection), kl (beta > 0), clip_frac (share
 of tokens where the clip is active), logp_diff_max (max |trainer - rollout| log-probability).
 """
 
@@ -101,10 +108,20 @@ class GRPO:
         metrics.update(reward=batch["rewards"].mean(), reward_group_std=batch["group_std"].mean(),
                        completion_len=batch["completion_len"].float().mean(), truncated=batch["truncated"].mean(),
                        logp_diff_max=(logp.detach() - old).abs().max())
+        if "groups_with_signal" in batch:  # rollout rows carry it; hand-made ones need not
+            metrics["groups_with_signal"] = batch["groups_with_signal"].mean()
         return loss, metrics
 
     def tokens(self, batch) -> int:
         return int(batch["num_tokens"].sum())
+
+
+def informative_first(rewards: torch.Tensor, count: int) -> list[int]:
+    """Indices of `count` of the (groups, G) rewards' groups, in order: first those whose
+    rewards differ (the only ones with an advantage), then as many of the others as fill."""
+    spread = (rewards.max(1).values > rewards.min(1).values).tolist()
+    order = [i for i, s in enumerate(spread) if s] + [i for i, s in enumerate(spread) if not s]
+    return sorted(order[:count])
 
 
 # -- sampling from the trainer's module -----------------------------------------------------------
@@ -168,10 +185,12 @@ class Rollouts:
 
     def __init__(self, sampler: Sampler, task, rewards: list, *, group_size: int, batch_size: int,
                  max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int,
-                 beta: float = 0.0, reference=None, pad_id: int = 0, overlong_penalty: float = 0.0) -> None:
+                 beta: float = 0.0, reference=None, pad_id: int = 0, overlong_penalty: float = 0.0,
+                 oversample: int = 1) -> None:
         self.sampler, self.task, self.rewards = sampler, task, rewards
         self.group_size, self.batch_size = group_size, batch_size
         self.prompts_per_step = batch_size // group_size
+        self.oversample = oversample
         self.max_new_tokens, self.seed = max_new_tokens, seed
         self.sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k)
         self.beta, self.reference, self.pad_id = beta, reference, pad_id
@@ -186,8 +205,9 @@ class Rollouts:
         return {k: v[offset:offset + count] for k, v in self._rows.items()}
 
     def problems(self, step: int) -> list[Problem]:
-        P = self.prompts_per_step
-        return [self.task.train_problem(self.seed, step * P + j) for j in range(P)]
+        """The step's sampled problems: prompts_per_step x oversample of them."""
+        n = self.prompts_per_step * self.oversample
+        return [self.task.train_problem(self.seed, step * n + j) for j in range(n)]
 
     def rollout(self, step: int) -> dict[str, torch.Tensor]:
         problems, G = self.problems(step), self.group_size
@@ -199,10 +219,15 @@ class Rollouts:
                                 for i, r in enumerate(requests)]).view(-1, G)
         cut = torch.tensor([r.finish_reason == "length" for r in requests]).view(-1, G)
         rewards = rewards - self.overlong_penalty * cut
-        rows = self.rows([p for p in prompts for _ in range(G)], requests)
+        keep = informative_first(rewards, self.prompts_per_step)
+        signal = (rewards.max(1).values > rewards.min(1).values).float().mean()
+        rewards, cut = rewards[keep], cut[keep]
+        kept = [g * G + i for g in keep for i in range(G)]
+        rows = self.rows([prompts[k // G] for k in kept], [requests[k] for k in kept])
         rows.update(advantages=group_advantages(rewards).flatten(), rewards=rewards.flatten(),
                     truncated=cut.flatten().float(),
-                    group_std=rewards.std(1).repeat_interleave(G))
+                    group_std=rewards.std(1).repeat_interleave(G),
+                    groups_with_signal=signal.repeat(len(kept)))
         if self.beta:
             rows["ref_logps"] = self.reference_logps(rows)
         return rows

@@ -16,8 +16,10 @@ The config is a training config ([run] [data] [optim] [train], as for `sft`; no 
       clip_eps          the ratio clip (default 0.2)
       overlong_penalty  subtracted from the reward of a completion cut off at max_new_tokens
                         (no stop token): DAPO's overlong punishment; 0 (default) leaves it as scored
+      oversample        F >= 1: sample F x the step's prompts and train on those whose group's rewards
+                        differ first (DAPO's dynamic sampling); 1 (default) trains on all it samples
       beta              the KL coefficient; 0 (default) needs no reference
-      rollout_slots     the engine's concurrent sequences; 0 (default): data.batch_size
+      rollout_slots     the engine's concurrent sequences; 0 (default): data.batch_size x oversample
       force             start even if the init checkpoint's last handoff failed
       evaluate          held-out evaluation before and after (default true)
       eval_problems     held-out problems (default 50)
@@ -62,6 +64,7 @@ class GRPOSection:
     top_k: int = 0
     clip_eps: float = 0.2
     overlong_penalty: float = 0.0
+    oversample: int = 1
     beta: float = 0.0
     rollout_slots: int = 0
     force: bool = False
@@ -91,7 +94,7 @@ def load_grpo_config(path: str | Path, overrides: list[str] = ()) -> GRPOConfig:
     if g.group_size < 2:
         raise ConfigError(f"grpo.group_size = {g.group_size}: must be >= 2 (advantages compare the "
                           "completions of a group)")
-    for key in ("max_new_tokens", "eval_problems", "digits"):
+    for key in ("max_new_tokens", "eval_problems", "digits", "oversample"):
         if getattr(g, key) < 1:
             raise ConfigError(f"grpo.{key} = {getattr(g, key)}: must be >= 1")
     for key, value, ok, allowed in (("clip_eps", g.clip_eps, 0 < g.clip_eps < 1, "in (0, 1)"),
@@ -141,7 +144,8 @@ def run_grpo(cfg: GRPOConfig, *, resume: bool = False, force: bool = False, prog
     world = distributed.init(device)
     try:
         model.to(device.torch_device)
-        sampler = Sampler(model, tok, device, tcfg.data.seq_len, g.rollout_slots or tcfg.data.batch_size)
+        sampler = Sampler(model, tok, device, tcfg.data.seq_len,
+                          g.rollout_slots or tcfg.data.batch_size * g.oversample)
         held_out = cfg.task.held_out(g.eval_problems)
 
         def held_out_eval():
@@ -160,7 +164,8 @@ def run_grpo(cfg: GRPOConfig, *, resume: bool = False, force: bool = False, prog
         stream = Rollouts(sampler, cfg.task, cfg.reward_fns, group_size=g.group_size,
                           batch_size=tcfg.data.batch_size, max_new_tokens=g.max_new_tokens,
                           temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, seed=tcfg.run.seed,
-                          beta=g.beta, reference=reference, pad_id=pad, overlong_penalty=g.overlong_penalty)
+                          beta=g.beta, reference=reference, pad_id=pad, overlong_penalty=g.overlong_penalty,
+                          oversample=g.oversample)
         result = train(tcfg, GRPO(g.clip_eps, g.beta), stream, None, resume=resume, model=model,
                        tokenizer_dir=g.init, progress=progress, log=log, device=device)
         # a run ended by train.max_minutes is a finished run too: it is evaluated like one
