@@ -19,6 +19,7 @@ from chipshift.train.data import TokenWindows, rank_slice
 from chipshift.train.loop import Trainer, train
 from chipshift.train.objectives import (
     LanguageModeling,
+    LossWorkspace,
     chunked_cross_entropy,
     reference_cross_entropy,
 )
@@ -132,6 +133,41 @@ def test_chunked_cross_entropy_matches_full_logits():
         torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-6)
     with torch.no_grad():  # evaluation: same value, no gradient buffers
         assert abs(chunked_cross_entropy(model.forward_hidden(x), model.output_weight, y).item() - ref.item()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_rows", [5, 1000])  # several chunks, one chunk
+def test_chunked_cross_entropy_workspace_is_reused_and_never_handed_out(dtype, chunk_rows):
+    """Loss and gradients with a kept workspace equal a fresh one's, call after call, and
+    a gradient handed out is never a workspace buffer the next call overwrites."""
+    torch.manual_seed(0)
+    hidden = torch.randn(24, 64).to(dtype)
+    weight = (torch.randn(512, 64) * 0.1).to(dtype)
+    labels = torch.randint(0, 512, (24,))
+    labels[:3] = -100
+
+    def run(ws, scale=1.0):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = chunked_cross_entropy(h, w, labels * 1, chunk_rows, workspace=ws)
+        (loss * scale).backward()
+        return loss.detach(), h.grad, w.grad
+    ws = LossWorkspace()
+    first = run(ws)
+    kept = [t.clone() for t in first]
+    second = run(ws, scale=2.0)  # reuses the buffers
+    for a, b in zip(first, kept):  # the first call's gradients were not overwritten
+        assert torch.equal(a, b)
+    fresh = run(None, scale=2.0)
+    for a, b in zip(second, fresh):
+        assert torch.equal(a, b)
+    # against float32 logits: the half path's rounding only
+    h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(h @ w.T, labels, ignore_index=-100)
+    ref.backward()
+    tol = dict(rtol=0, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(first[0].float(), ref.detach(), **tol)
+    torch.testing.assert_close(first[1].float(), h.grad, **tol)
+    torch.testing.assert_close(first[2].float(), w.grad, **tol)
 
 
 def test_half_matmul_upcast_is_bf16_compute():

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from chipshift.data.chat import IGNORE_INDEX, ChatExample, Packed, example_labels, pack
 from chipshift.errors import ChipshiftError
-from chipshift.train.objectives import chunked_cross_entropy
+from chipshift.train.objectives import LossWorkspace, chunked_cross_entropy
 
 
 # -- streams ----------------------------------------------------------------------------------
@@ -178,12 +178,13 @@ class SFT:
 
     def __init__(self, chunk_rows: int | None = None) -> None:
         self.chunk_rows = chunk_rows
+        self.workspace = LossWorkspace()
 
     def __call__(self, model, batch):
         hidden = _forward(model, batch)
         valid = batch["labels"] != IGNORE_INDEX
         loss = chunked_cross_entropy(hidden[valid], model.output_weight, batch["labels"][valid],
-                                     self.chunk_rows, _compute_dtype(model, hidden))
+                                     self.chunk_rows, _compute_dtype(model, hidden), self.workspace)
         return loss, {}
 
     def tokens(self, batch) -> int:
