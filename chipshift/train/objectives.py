@@ -148,10 +148,10 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     compute_dtype = compute_dtype or hidden.dtype
     if chunk_rows is None:
         chunk_rows = loss_chunk_rows(weight.shape[0])
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.autocast(hidden.device.type, enabled=False):
         return _ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
-                                                labels.reshape(-1), chunk_rows, compute_dtype,
-                                                torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad),
+                                                labels.reshape(-1), chunk_rows, compute_dtype, need_grad,
                                                 workspace or LossWorkspace())
 
 
