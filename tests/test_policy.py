@@ -167,14 +167,17 @@ def trainer(tmp_path, **run) -> Trainer:
     return t
 
 
-@pytest.mark.parametrize("half, dtype, precision, upcast, ceiling", [
-    ("native", torch.bfloat16, "master", False, "bfloat16"),
-    ("emulated", torch.float32, "float32", False, "float32"),
+@pytest.mark.parametrize("half, dtype, precision, upcast, ceiling, attention", [
+    ("native", torch.bfloat16, "master", False, "bfloat16", "math"),
+    ("emulated", torch.float32, "float32", False, "float32", "sdpa"),
 ])
-def test_trainer_follows_the_policy_in_auto(tmp_path, monkeypatch, half, dtype, precision, upcast, ceiling):
+def test_trainer_follows_the_policy_in_auto(tmp_path, monkeypatch, half, dtype, precision, upcast, ceiling,
+                                            attention):
     policy(monkeypatch, half)
     t = trainer(tmp_path)
     assert (t.dtype, t.precision, t.upcast) == (dtype, precision, upcast)
+    assert t.model.attn_impl == attention and any(line.startswith(f"attention: {attention}") for line in t.logged)
+    assert trainer(tmp_path, attn_impl="sdpa").model.attn_impl == "sdpa"  # run.attn_impl pins it
     assert t.peak_source.startswith(f"measured: {ceiling}")
     assert f"CHIPSHIFT_HALF={half}" in t.logged[0]  # the decision is logged with its reason
 
@@ -203,6 +206,21 @@ def test_engine_takes_the_policys_inference_path(monkeypatch, half, pin, twin):
     assert ("AVX2 kernel" in (engine.kernel_note or "")) is twin
     assert (engine.native_step is not None) is twin  # and with the twin, the native decode step
     assert ("CHIPSHIFT_CPU_KERNELS=off" in (engine.kernel_note or "")) is (half == "emulated" and pin == "off")
+
+
+def test_training_attention_decision(monkeypatch):
+    """math attention for half pre-training where the CPU's half GEMM is native; torch's fused
+    SDPA for float32, for half emulated (its matmuls upcast), for post-training's varying
+    batches and off the CPU."""
+    native = policy(monkeypatch, "native").precision
+    assert native.training_attention(torch.bfloat16, False).value == "math"
+    assert native.training_attention(torch.float32, False).value == "sdpa"
+    assert native.training_attention(torch.bfloat16, False, fixed_shapes=False).value == "sdpa"  # post-training
+    emulated = policy(monkeypatch, "emulated").precision
+    assert emulated.training_attention(torch.bfloat16, True).value == "sdpa"
+    assert emulated.training_attention(torch.bfloat16, False).value == "sdpa"  # emulated, not upcast: still slow
+    monkeypatch.setattr(type(native.device), "is_cpu", property(lambda self: False))
+    assert native.training_attention(torch.bfloat16, False).value == "sdpa"
 
 
 # -- compile for training --------------------------------------------------------------------

@@ -21,6 +21,9 @@ fact, probed with a timed matmul, drives the decisions below:
     native decode step      where the twin     where the twin runs: the whole (follows the twin)
                             runs, up to 8 rows step in one native call
     KV-cache dtype          the weights'       float32 under the twin         (follows the twin)
+    training attention      math (matmul +     torch's fused SDPA             run.attn_impl
+                            softmax) on a CPU,
+                            SDPA elsewhere
     compile training        fixed-shape runs estimated at COMPILE_MIN_SECONDS  run.compile
                             or more of eager steps, where inductor generates
                             kernels (a CPU with a C++ compiler, cuda, xpu)
@@ -209,6 +212,28 @@ class PrecisionPolicy:
         if upcast:
             source += f" ({dtype_name(dtype)} matmuls run as float32 GEMMs here)"
         return Decision(peak, source)
+
+    def training_attention(self, dtype: torch.dtype, upcast: bool, fixed_shapes: bool = True) -> Decision:
+        """The attention a training run uses where run.attn_impl = "auto": "math" (q k^T,
+        softmax, times v, as batched GEMMs) for half-precision training on a CPU whose half GEMM
+        is native, else "sdpa" (the device's fused kernel). On the AMD AVX512-BF16 CPU without
+        AMX, torch's CPU flash-attention kernel ran at about 85 GFLOP/s in bf16, a fifth of the
+        S step, and the math path's bf16 GEMMs made the S shape 1.39x transformers against
+        1.16-1.18x (docs/train.md). In float32 the math path's 256 x 64 batched GEMMs ran at
+        about 40 GFLOP/s on the Intel class (no gain), and accelerators' fused kernels win.
+        Post-training batches (padded, masked, of varying shape) keep SDPA: the path their
+        speed and memory against TRL were measured on."""
+        dev = self.device
+        if not fixed_shapes:
+            return Decision("sdpa", "batches of varying shape (post-training): torch's fused attention")
+        if not dev.is_cpu or dev.emulation is not None:
+            return Decision("sdpa", "the device's fused attention kernel" if not dev.is_cpu else
+                            f"emulating {dev.emulation.label} (its function mode covers SDPA)")
+        if dtype not in HALF or upcast or not (native := self.half_native(dtype)).value:
+            return Decision("sdpa", f"{dtype_name(dtype)} compute{' (half emulated)' if dtype in HALF else ''}: "
+                                    "torch's fused CPU attention")
+        return Decision("math", f"attention as {dtype_name(dtype)} GEMMs and a softmax, faster than torch's CPU "
+                                f"flash kernel ({native.reason}; run.attn_impl pins it)")
 
     def compile_training(self, steps: int, flops_per_step: float, dtype: torch.dtype, upcast: bool,
                          fixed_shapes: bool) -> Decision:

@@ -46,7 +46,7 @@ class RunConfig:
     # runs where inductor generates kernels, `PrecisionPolicy.compile_training`) | on | off
     compile: str = "auto"
     activation_checkpointing: bool = False
-    attn_impl: str = "auto"  # auto | sdpa | math
+    attn_impl: str = "auto"  # auto (the device layer's choice: PrecisionPolicy.training_attention) | sdpa | math
     # under torchrun: replicate the model and average gradients ("ddp"), or shard parameters,
     # gradients and optimizer state over the processes with FSDP2 ("fsdp")
     parallel: str = "ddp"

@@ -163,6 +163,13 @@ class Trainer:
             # would only pay page faults for fresh mappings (S shape: 30% slower)
             return_freed_host_memory()
         dev.manual_seed(cfg.run.seed)
+        if cfg.run.attn_impl == "auto":
+            attention = dev.precision.training_attention(
+                self.dtype, self.upcast, not getattr(self.train_stream, "variable_shapes", False))
+            self.attn_impl = attention.value
+            self.log(f"attention: {attention.value} ({attention.reason})")
+        else:
+            self.attn_impl = cfg.run.attn_impl
         self._check_memory(model_cfg)
         if model is None:
             model = build_model(model_cfg, dev.torch_device, torch.float32, seed=cfg.run.seed)
@@ -172,7 +179,7 @@ class Trainer:
         model = model.to(dev.torch_device, self.dtype if self.half_params else torch.float32)
         model.train()
         model.activation_checkpointing = cfg.run.activation_checkpointing
-        model.attn_impl = "sdpa" if cfg.run.attn_impl == "auto" else cfg.run.attn_impl
+        model.attn_impl = self.attn_impl
         self.flops_per_token = model_flops_per_token(
             model_cfg, getattr(self.train_stream, "seq_len", model_cfg.max_seq_len))
         self.compiled = self._resolve_compile()
@@ -218,7 +225,7 @@ class Trainer:
     # -- set-up checks -----------------------------------------------------------------
     def _check_memory(self, model_cfg: ModelConfig) -> None:
         est = training_memory(model_cfg, self.micro, self.cfg.data.seq_len, self.dtype in HALF,
-                              self.cfg.run.attn_impl, self.cfg.run.activation_checkpointing,
+                              self.attn_impl, self.cfg.run.activation_checkpointing,
                               self.world.size if self.sharded else 1)
         states = est.total - est.activations
         have = self.device.total_memory()
