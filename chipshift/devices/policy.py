@@ -226,9 +226,10 @@ class PrecisionPolicy:
         dev = self.device
         if not fixed_shapes:
             return Decision("sdpa", "batches of varying shape (post-training): torch's fused attention")
-        if not dev.is_cpu or dev.emulation is not None:
-            return Decision("sdpa", "the device's fused attention kernel" if not dev.is_cpu else
-                            f"emulating {dev.emulation.label} (its function mode covers SDPA)")
+        if not dev.is_cpu:
+            return Decision("sdpa", "the device's fused attention kernel")
+        if dev.emulation is not None:
+            return Decision("sdpa", f"emulating {dev.emulation.label} (its function mode covers SDPA)")
         if dtype not in HALF or upcast or not (native := self.half_native(dtype)).value:
             return Decision("sdpa", f"{dtype_name(dtype)} compute{' (half emulated)' if dtype in HALF else ''}: "
                                     "torch's fused CPU attention")

@@ -116,10 +116,15 @@ class GRPO:
         return int(batch["num_tokens"].sum())
 
 
+def groups_differ(rewards: torch.Tensor) -> torch.Tensor:
+    """(groups,) bool: whose (groups, G) rewards are not all equal (the groups with an advantage)."""
+    return rewards.max(1).values > rewards.min(1).values
+
+
 def informative_first(rewards: torch.Tensor, count: int) -> list[int]:
     """Indices of `count` of the (groups, G) rewards' groups, in order: first those whose
     rewards differ (the only ones with an advantage), then as many of the others as fill."""
-    spread = (rewards.max(1).values > rewards.min(1).values).tolist()
+    spread = groups_differ(rewards).tolist()
     order = [i for i, s in enumerate(spread) if s] + [i for i, s in enumerate(spread) if not s]
     return sorted(order[:count])
 
@@ -220,7 +225,7 @@ class Rollouts:
         cut = torch.tensor([r.finish_reason == "length" for r in requests]).view(-1, G)
         rewards = rewards - self.overlong_penalty * cut
         keep = informative_first(rewards, self.prompts_per_step)
-        signal = (rewards.max(1).values > rewards.min(1).values).float().mean()
+        signal = groups_differ(rewards).float().mean()
         rewards, cut = rewards[keep], cut[keep]
         kept = [g * G + i for g in keep for i in range(G)]
         rows = self.rows([prompts[k // G] for k in kept], [requests[k] for k in kept])

@@ -72,17 +72,19 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         h = hidden.to(compute_dtype)
         w = weight.to(compute_dtype)
         half = compute_dtype != torch.float32
-        rows, vocab = min(chunk_rows, n), w.shape[0]
         chunks = range(0, n, chunk_rows)
+        # half-precision weight-gradient products over several chunks add up in a float32
+        # workspace accumulator; otherwise the first chunk's product is the gradient itself
+        accumulate_half = half and len(chunks) > 1
         grad_h = torch.empty_like(h) if need_grad else None
         grad_w = None
         total = torch.zeros((), dtype=torch.float32, device=dev)
         for s in chunks:
             hc, yc, vc = h[s:s + chunk_rows], labels[s:s + chunk_rows], valid[s:s + chunk_rows]
-            r = hc.shape[0]
-            x = ws.get("logits", (rows, vocab), torch.float32, dev)[:r]
+            r, vocab = hc.shape[0], w.shape[0]  # the first chunk is the largest: it sizes the buffers
+            x = ws.get("logits", (r, vocab), torch.float32, dev)
             if half:  # the GEMM writes the compute dtype; its float32 copy is reduced
-                low = ws.get("logits_half", (rows, vocab), compute_dtype, dev)[:r]
+                low = ws.get("logits_half", (r, vocab), compute_dtype, dev)
                 torch.mm(hc, w.T, out=low)
                 x.copy_(low)
             else:
@@ -97,28 +99,19 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             weight_rows = vc.float() / count  # d loss / d logits = (softmax - one-hot) * weight_row
             x.mul_((weight_rows / sums)[:, None])
             x[torch.arange(r, device=dev), y] -= weight_rows
-            if half:
-                low.copy_(x)
-                g = low
-            else:
-                g = x
+            g = low.copy_(x) if half else x
             torch.mm(g, w, out=grad_h[s:s + r])
-            if len(chunks) == 1:  # the one product is the gradient (rounded once, as accumulated)
-                grad_w = g.T @ hc
-            elif not half:
+            if not accumulate_half:
                 grad_w = g.T @ hc if grad_w is None else grad_w.addmm_(g.T, hc)
-            else:  # half-precision products, accumulated over chunks in float32
-                part = ws.get("grad_w_half", tuple(w.shape), compute_dtype, dev)
-                torch.mm(g.T, hc, out=part)
-                if grad_w is None:
-                    grad_w = ws.get("grad_w", tuple(w.shape), torch.float32, dev)
-                    grad_w.copy_(part)
-                else:
-                    grad_w.add_(part)
+                continue
+            part = torch.mm(g.T, hc, out=ws.get("grad_w_half", tuple(w.shape), compute_dtype, dev))
+            if grad_w is None:
+                grad_w = ws.get("grad_w", tuple(w.shape), torch.float32, dev).copy_(part)
+            else:
+                grad_w.add_(part)
         if need_grad:  # a fresh tensor in the weight's dtype: the workspace's accumulator stays behind
-            accumulated = len(chunks) > 1 and half
             grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=dev) if grad_w is None else \
-                grad_w.to(weight.dtype, copy=accumulated)
+                grad_w.to(weight.dtype, copy=accumulate_half)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total / count
