@@ -1,6 +1,10 @@
 """Device registry: selection, simulated vendor backends, errors, catalogue lookups."""
 
 import importlib
+import os
+import platform
+import subprocess
+import sys
 import types
 
 import pytest
@@ -226,3 +230,43 @@ def test_a_bad_mmap_threshold_is_named(monkeypatch):
         devices.return_freed_host_memory()
     monkeypatch.setenv("CHIPSHIFT_MMAP_THRESHOLD", "0")
     assert devices.return_freed_host_memory() is False  # 0: glibc left alone
+    assert devices.keep_freed_host_memory() is False
+
+
+_FAULTS_ON_REUSE = """
+import resource, sys, torch
+from chipshift import devices
+setting = sys.argv[1]
+if setting != "default":
+    assert getattr(devices, setting)() is True
+def step():  # a fixed-shape training step's large blocks: allocated, written, freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    blocks = [torch.empty(n).fill_(1.0) for n in (16 << 20, 10 << 20, 4 << 20)]  # 64, 40, 16 MiB
+    del blocks
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+def rss():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")) >> 10
+for _ in range(12):  # glibc settles (its small per-thread caches fill)
+    step()
+settled = rss()
+faults = [step() for _ in range(8)]
+print(max(faults), rss() - settled)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat") or platform.libc_ver()[0] != "glibc",
+                    reason="glibc's malloc on Linux")
+@pytest.mark.parametrize("setting, reused", [("default", False), ("keep_freed_host_memory", True),
+                                             ("return_freed_host_memory", False)])
+def test_host_memory_settings_decide_whether_freed_pages_are_reused(setting, reused):
+    """A step's 120 MiB of blocks page-fault (30,720 pages) anew each step with glibc's defaults
+    and with freed memory returned; from a kept heap they reuse the last step's pages, and the
+    resident set stays where it settled."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHIPSHIFT_MMAP", "MALLOC_", "GLIBC_TUNABLES"))}
+    done = subprocess.run([sys.executable, "-c", _FAULTS_ON_REUSE, setting], env=env, capture_output=True,
+                          text=True, check=True)
+    faults, growth_mib = map(int, done.stdout.split())
+    if reused:
+        assert faults < 500 and growth_mib <= 1, (faults, growth_mib)
+    else:
+        assert faults > 15000, faults

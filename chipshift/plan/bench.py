@@ -184,12 +184,13 @@ class _NoFit(Exception):
     pass
 
 
-# glibc keeps freed heap memory (its mmap threshold grows with the largest freed block), so
-# a CPU process's resident-set peak overstates live tensors by 30-50% after a few steps. The
-# CPU memory pass runs in a child process with a fixed threshold, where freed tensors go back
-# to the OS at once and the peak follows live memory as an accelerator allocator's does; the
-# timing process keeps the default allocator, so page faults do not slow the timed steps.
-CPU_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+# The trainer has glibc keep freed heap pages for fixed-shape batches (no page faults from
+# step to step; `devices.keep_freed_host_memory`), so a CPU process's resident-set peak is
+# its heap's high-water mark, which overstates live tensors after a few steps. The CPU
+# memory pass runs in a child process with a small fixed threshold, where freed tensors go
+# back to the OS at once and the peak follows live memory as an accelerator allocator's
+# does; the timing process keeps the trainer's own setting.
+CPU_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024), "CHIPSHIFT_MMAP_THRESHOLD": str(64 * 1024)}
 
 
 def cpu_memory_pass(s: BenchSettings, batches: list[int]) -> dict[int, int]:

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from chipshift.devices import HALF, Device, dtype_name, get_device, return_freed_host_memory
+from chipshift.devices import (HALF, Device, dtype_name, get_device, keep_freed_host_memory,
+                               return_freed_host_memory)
 from chipshift.devices.emulate import refuse
 from chipshift.errors import ChipshiftError, ConfigError
 from chipshift.model.checkpoint import state_dict_for_save
@@ -159,10 +160,10 @@ class Trainer:
         (checkpointing, attention, compile, FSDP2 sharding)."""
         cfg, dev = self.cfg, self.device
         self.fixed_shapes = not getattr(self.train_stream, "variable_shapes", False)
-        if dev.is_cpu and not self.fixed_shapes:
-            # fixed-shape batches (pre-training) reuse the heap's blocks step after step and
-            # would only pay page faults for fresh mappings (S shape: 30% slower)
-            return_freed_host_memory()
+        if dev.is_cpu:
+            # fixed-shape batches (pre-training) allocate the same blocks every step: the heap
+            # keeps them, with no page faults; varying shapes would grow it step after step
+            (keep_freed_host_memory if self.fixed_shapes else return_freed_host_memory)()
         dev.manual_seed(cfg.run.seed)
         if cfg.run.attn_impl == "auto":
             attention = dev.precision.training_attention(self.dtype, self.upcast, self.fixed_shapes)
