@@ -62,10 +62,11 @@ if TYPE_CHECKING:
 HALF_ENV = "CHIPSHIFT_HALF"
 KERNELS_ENV = "CHIPSHIFT_CPU_KERNELS"
 # torch.compile of a training step costs 10-20 s once with inductor's cache warm and up to
-# 90 s on a fresh machine (2-core CPU; S: 47 s cold, 12 s warm), then saves about a fifth of
-# every step (S 18-22%, M about 20% on the AVX512-BF16 CPU without AMX: docs/train.md).
+# 90 s on a fresh machine (2-core CPU; S: 47 s cold, 12 s warm), then saves up to a fifth of
+# every step (float32 M about 20% on the Intel CPU without AMX; S, and bfloat16 S and M on the
+# AMD AVX512-BF16 CPU with eager attention as one Function, 0-5%: docs/train.md).
 # A run whose eager steps would take this long saves more than even a cold compile costs.
-COMPILE_MIN_SECONDS = 600
+COMPILE_MIN_SECONDS = 900
 # the eager MFU the run-length estimate assumes (measured on CPUs: S 53-62%, M 41-55%)
 EAGER_MFU = 0.5
 # A CPU whose half-precision matmul runs below this fraction of its float32 matmul emulates

@@ -218,6 +218,9 @@ class Attention(nn.Module):
 
 def _math_attention(q, k, v, attn_mask):
     """softmax(q k^T / sqrt(d) + mask) v with GQA by reshaping q, never copying k/v."""
+    if attn_mask is None and q.shape[2] == k.shape[2] and _recording(q, k, v) \
+            and not torch.compiler.is_compiling():  # inductor fuses the plain ops itself (measured: no gain)
+        return _CausalAttention.apply(q, k, v)
     B, H, T, D = q.shape
     KVH, S = k.shape[1], k.shape[2]
     qg = q.reshape(B, KVH, H // KVH * T, D)
@@ -229,6 +232,40 @@ def _math_attention(q, k, v, attn_mask):
     scores = scores.masked_fill(~attn_mask, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     return (probs.view(B, KVH, H // KVH * T, S) @ v).view(B, H, T, D)
+
+
+class _CausalAttention(torch.autograd.Function):
+    """Causal math attention for eager training: the scale and the mask ride in the scores'
+    GEMM (baddbmm of an additive -inf bias), the softmax runs in the inputs' dtype (torch's
+    CPU kernel reduces half rows in float32 and rounds once, so its forward is bitwise the
+    plain path's), and backward is four GEMMs around one softmax-backward pass. The plain
+    graph's scaled, masked and float32 copies of the (T x T) scores, and their gradients,
+    never exist; the probabilities are saved in the inputs' dtype."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        B, H, T, D = q.shape
+        KVH = k.shape[1]
+        qg, kf, vf = q.reshape(B * KVH, H // KVH * T, D), k.reshape(B * KVH, T, D), v.reshape(B * KVH, T, D)
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1).repeat(H // KVH, 1)
+        bias = torch.zeros(future.shape, dtype=q.dtype, device=q.device).masked_fill_(future, float("-inf"))
+        scale = 1.0 / math.sqrt(D)
+        probs = torch.softmax(torch.baddbmm(bias, qg, kf.transpose(1, 2), alpha=scale), dim=-1)
+        ctx.save_for_backward(qg, kf, vf, probs)
+        ctx.scale, ctx.shape = scale, (q.shape, k.shape)
+        return torch.bmm(probs, vf).view(B, H, T, D)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qg, kf, vf, probs = ctx.saved_tensors
+        q_shape, kv_shape = ctx.shape
+        g = grad.reshape(qg.shape)
+        grad_v = torch.bmm(probs.transpose(1, 2), g).view(kv_shape)
+        grad_scores = torch._softmax_backward_data(torch.bmm(g, vf.transpose(1, 2)), probs, -1, probs.dtype)
+        grad_scores.mul_(ctx.scale)
+        grad_q = torch.bmm(grad_scores, kf).view(q_shape)
+        grad_k = torch.bmm(grad_scores.transpose(1, 2), qg).view(kv_shape)
+        return grad_q, grad_k, grad_v
 
 
 class MLP(nn.Module):
