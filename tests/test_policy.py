@@ -167,6 +167,18 @@ def trainer(tmp_path, **run) -> Trainer:
     return t
 
 
+@pytest.mark.parametrize("variable", [False, True])
+def test_cpu_trainer_keeps_freed_host_memory_for_fixed_shapes_only(tmp_path, monkeypatch, variable):
+    """Fixed-shape batches reuse the heap's pages step after step; varying ones would grow it."""
+    import chipshift.train.loop as loop
+    calls = []
+    monkeypatch.setattr(loop, "keep_freed_host_memory", lambda: calls.append("keep"))
+    monkeypatch.setattr(loop, "return_freed_host_memory", lambda: calls.append("return"))
+    monkeypatch.setattr(TokenWindows, "variable_shapes", variable, raising=False)
+    t = trainer(tmp_path)
+    assert t.fixed_shapes is not variable and calls == (["return"] if variable else ["keep"])
+
+
 @pytest.mark.parametrize("half, dtype, precision, upcast, ceiling, attention", [
     ("native", torch.bfloat16, "master", False, "bfloat16", "math"),
     ("emulated", torch.float32, "float32", False, "float32", "sdpa"),
