@@ -247,8 +247,8 @@ class _CausalAttention(torch.autograd.Function):
         B, H, T, D = q.shape
         KVH = k.shape[1]
         qg, kf, vf = q.reshape(B * KVH, H // KVH * T, D), k.reshape(B * KVH, T, D), v.reshape(B * KVH, T, D)
-        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1).repeat(H // KVH, 1)
-        bias = torch.zeros(future.shape, dtype=q.dtype, device=q.device).masked_fill_(future, float("-inf"))
+        # -inf above the diagonal, 0 elsewhere, for each query row of every head in a kv group
+        bias = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1).repeat(H // KVH, 1)
         scale = 1.0 / math.sqrt(D)
         probs = torch.softmax(torch.baddbmm(bias, qg, kf.transpose(1, 2), alpha=scale), dim=-1)
         ctx.save_for_backward(qg, kf, vf, probs)

@@ -190,7 +190,8 @@ class _NoFit(Exception):
 # memory pass runs in a child process with a small fixed threshold, where freed tensors go
 # back to the OS at once and the peak follows live memory as an accelerator allocator's
 # does; the timing process keeps the trainer's own setting.
-CPU_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024), "CHIPSHIFT_MMAP_THRESHOLD": str(64 * 1024)}
+# (glibc's own variable for what is allocated before the trainer sets it, chipshift's for the trainer)
+CPU_MEMORY_ENV = dict.fromkeys(("MALLOC_MMAP_THRESHOLD_", "CHIPSHIFT_MMAP_THRESHOLD"), str(64 * 1024))
 
 
 def cpu_memory_pass(s: BenchSettings, batches: list[int]) -> dict[int, int]:
