@@ -6,7 +6,10 @@ chatterbot question-answer pairs; DPO: the derived pairs), same sequence length,
 batch (sequences per step; chipshift packs its SFT rows, TRL pads each batch, as each
 recommends on a CPU; a packed row holds several times the tokens of a padded one, so chipshift
 runs its SFT rows one per forward pass and accumulates, `data.micro_batch = 1`, and recomputes
-activations in backward, `run.activation_checkpointing = true`, unless --sft-keep-activations), float32 on both sides (this CPU has no fast bfloat16), fused AdamW
+activations in backward, `run.activation_checkpointing = true`, unless --sft-keep-activations),
+the same precision (--dtype auto, the default: the dtype chipshift's precision policy picks on
+this machine; TRL then trains with `bf16=True` / `fp16=True`, autocast over float32 weights, and
+chipshift with its default half parameters and float32 master weights), fused AdamW
 (transformers' default) on both sides, full fine-tuning. DPO: reference log-probabilities precomputed on both sides
 (`precompute_ref_log_probs=True` for TRL), so no reference model stays in memory.
 
@@ -15,6 +18,7 @@ the non-padding tokens trained on (DPO: chosen and rejected rows, prompts includ
 timed over the steps after `--warmup`; peak memory is the worker's peak RSS.
 
     python bench/posttrain_vs_trl.py --rounds 2 --steps 6 --batch 4 --seq-len 256
+    python bench/posttrain_vs_trl.py --dtype fp32     # both sides in float32, as before 2026-12-03
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ def run_chipshift(kind: str, args) -> dict:
         stream = PairRows(pairs, args.seq_len, tok.pad_id, seed=0)
         stream.ref_logps = compute_reference(model, stream, args.batch, "cpu", progress=False)
         objective = DPO(0.1)
-    run = {"device": "cpu", "dtype": "float32", "out": tempfile.mkdtemp()}
+    run = {"device": "cpu", "dtype": args.dtype, "out": tempfile.mkdtemp()}
     if kind == "sft":
         # a packed row holds ~6x the tokens of TRL's padded ones: recompute activations in
         # backward rather than hold them (--sft-keep-activations to measure without)
@@ -105,7 +109,7 @@ def run_trl(kind: str, args) -> dict:
     common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, max_steps=args.warmup + args.steps,
                   learning_rate=1e-5, lr_scheduler_type="constant", weight_decay=0.0, logging_steps=10_000,
                   save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0,
-                  max_length=args.seq_len, bf16=False, fp16=False)
+                  max_length=args.seq_len, bf16=args.dtype == "bfloat16", fp16=args.dtype == "float16")
     dataset = Dataset.from_list(data(kind, args.examples))
     if kind == "sft":
         trainer = SFTTrainer(model=model, args=SFTConfig(**common, completion_only_loss=True, packing=False),
@@ -139,7 +143,7 @@ def spawn(script: str, argv: list[str], what: str) -> dict:
 def worker(side: str, kind: str, args) -> dict:
     argv = ["--worker", side, "--kind", kind, "--ckpt", str(args.ckpt), "--hf", str(args.hf),
             "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
-            "--warmup", str(args.warmup), "--examples", str(args.examples)]
+            "--warmup", str(args.warmup), "--examples", str(args.examples), "--dtype", args.dtype]
     if args.sft_keep_activations:
         argv.append("--sft-keep-activations")
     return spawn(__file__, argv, f"{side} {kind}")
@@ -171,6 +175,15 @@ def describe_machine() -> dict:
     return machine
 
 
+def resolve_dtype(name: str) -> str:
+    """float32 / bfloat16 / float16; auto = what chipshift's precision policy picks on this CPU."""
+    if name == "auto":
+        from chipshift.devices import get_device
+
+        return str(get_device("cpu").precision.compute_dtype().value).removeprefix("torch.")
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(name, name)
+
+
 def prepare(args) -> None:
     """Import the GGUF (unless --ckpt) and export the Hugging Face folder for TRL."""
     from chipshift.data.packages import smollm2_gguf
@@ -198,6 +211,9 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=64, help="conversations / pairs in the data set")
     p.add_argument("--sft-keep-activations", action="store_true",
                    help="chipshift SFT without activation checkpointing (faster, more memory)")
+    p.add_argument("--dtype", default="auto",
+                   choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"),
+                   help="auto: the precision policy's dtype on this machine (chipshift's default)")
     p.add_argument("--ckpt", type=Path, help="chipshift checkpoint (default: import the SmolLM2 GGUF)")
     p.add_argument("--work", help="where the imported and exported models go (kept for reuse)")
     p.add_argument("--worker", choices=("chipshift", "trl"), help=argparse.SUPPRESS)
@@ -210,7 +226,10 @@ def main() -> None:
         return
     prepare(args)
     machine = describe_machine()
-    summary = {"bench": "posttrain_vs_trl", "machine": machine, "dtype": "float32", "batch": args.batch, "seq_len": args.seq_len,
+    args.dtype = resolve_dtype(args.dtype)
+    print(f"dtype: {args.dtype} on both sides")
+    summary = {"bench": "posttrain_vs_trl", "machine": machine, "dtype": args.dtype, "batch": args.batch,
+               "seq_len": args.seq_len,
                "steps": args.steps, "rounds": args.rounds,
                "sft_activation_checkpointing": not args.sft_keep_activations}
     for kind in args.kinds.split(","):

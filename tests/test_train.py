@@ -23,7 +23,7 @@ from chipshift.train.objectives import (
     chunked_cross_entropy,
     reference_cross_entropy,
 )
-from chipshift.train.optim import lr_at
+from chipshift.train.optim import MasterWeights, lr_at
 from chipshift.train.precision import HalfMatmulUpcast
 
 
@@ -327,6 +327,21 @@ def test_bf16_master_step_runs_and_keeps_fp32_master(tmp_path):
     assert next(trainer.model.parameters()).dtype == torch.bfloat16
     assert all(w.dtype == torch.float32 for w in trainer.weights().values())
     assert math.isfinite(last.loss) and last.loss < first.loss
+
+
+def test_master_grads_take_each_half_grad_exactly_and_drop_it():
+    """The float32 gradients equal the half ones; a parameter without a gradient gets zeros;
+    the half gradients are gone, so the step's peak never holds both sets whole."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)).to(torch.bfloat16)
+    master = MasterWeights(model)
+    model(torch.randn(3, 8, dtype=torch.bfloat16)).float().square().sum().backward()
+    model[1].bias.grad = None  # as an unused parameter leaves it
+    halves = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    master.to_master_grads()
+    for name, m in master.named_parameters():
+        assert m.grad.dtype == torch.float32
+        assert torch.equal(m.grad, halves[name].float()) if name in halves else not m.grad.any()
+    assert all(p.grad is None for p in model.parameters())
 
 
 class WithMetric:

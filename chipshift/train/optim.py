@@ -60,13 +60,16 @@ class MasterWeights:
 
     @torch.no_grad()
     def to_master_grads(self) -> None:
+        """Each half gradient into its float32 master's, then dropped: the step's peak holds the
+        float32 gradients and one half gradient, not both sets whole."""
         for m, p in zip(self.master, self.params):
             if m.grad is None:
                 m.grad = torch.empty_like(m)
             if p.grad is None:
                 m.grad.zero_()
-        pairs = [(m.grad, p.grad) for m, p in zip(self.master, self.params) if p.grad is not None]
-        torch._foreach_copy_(*map(list, zip(*pairs)))
+            else:
+                m.grad.copy_(p.grad)
+                p.grad = None
 
     @torch.no_grad()
     def to_model(self) -> None:
