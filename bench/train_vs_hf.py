@@ -77,7 +77,7 @@ def worker_ours(shape: str, dtype: str, steps: int, warmup: int, device: str, ov
     return _time(step, steps, warmup, dev, base, {"precision": trainer.precision, "upcast": trainer.upcast,
                                                   "attn_impl": trainer.model.attn_impl, "compiled": trainer.compiled,
                                                   "checkpointing": trainer.model.activation_checkpointing,
-                                                  "threads": torch.get_num_threads()})
+                                                  "fp32_gemm": trainer.fp32_gemm, "threads": torch.get_num_threads()})
 
 
 def worker_hf(shape: str, dtype: str, steps: int, warmup: int, device: str) -> dict:
@@ -237,7 +237,8 @@ def main() -> None:
                    "ours_peak_mib": mem["ours"] / 2**20, "hf_peak_mib": mem["hf"] / 2**20,
                    "ours_precision": runs["ours"][0].get("precision"), "ours_upcast": runs["ours"][0].get("upcast"),
                    "ours_attn_impl": runs["ours"][0].get("attn_impl"), "ours_compiled": runs["ours"][0].get("compiled"),
-                   "ours_checkpointing": runs["ours"][0].get("checkpointing"), "ours_overrides": a.ours_set,
+                   "ours_checkpointing": runs["ours"][0].get("checkpointing"),
+                   "ours_fp32_gemm": runs["ours"][0].get("fp32_gemm"), "ours_overrides": a.ours_set,
                    "rounds": a.rounds, "steps": a.steps}
             results.append(row)
             print(f"{shape} {dtype}: chipshift {med['ours']:.0f} tok/s vs HF {med['hf']:.0f} tok/s = "

@@ -1,8 +1,18 @@
 """Shared fixtures: small, built in-process, no network."""
 
 import json
+import os
 
 import pytest
+
+# The float32 GEMM probe (PrecisionPolicy.fp32_gemm) is timed, so two processes near its line
+# could decide apart; tests compare runs across processes (torchrun, resume, parity), so the
+# session decides once and every process it starts inherits the pin. CI runs the other outcome
+# too (.ci/run).
+if "CHIPSHIFT_FP32_GEMM" not in os.environ:
+    from chipshift.devices import get_device
+
+    os.environ["CHIPSHIFT_FP32_GEMM"] = get_device("cpu").precision.fp32_gemm().value
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"

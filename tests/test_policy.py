@@ -149,8 +149,8 @@ def test_a_bad_pin_names_the_variable_and_the_allowed_values(monkeypatch):
 
 def test_report_lists_every_decision_with_a_reason(monkeypatch):
     report = policy(monkeypatch, "emulated", kernels_off=True).precision.report()
-    assert set(report) == {"half_native", "compute_dtype", "matmul_upcast", "cpu_kernel", "serving_dtype",
-                           "inference_twin"}
+    assert set(report) == {"half_native", "compute_dtype", "matmul_upcast", "fp32_gemm", "cpu_kernel",
+                           "serving_dtype", "inference_twin"}
     assert report["compute_dtype"]["value"] == "float32" and report["half_native"]["value"] is False
     assert all(row["reason"] for row in report.values())
 
@@ -288,3 +288,35 @@ def test_trainer_compiles_long_runs_by_default(monkeypatch, sections, compiled, 
     assert hasattr(trainer.model.forward_hidden, "_torchdynamo_orig_callable") is compiled
     if words:
         assert any(words in line for line in lines if line.startswith("compile:")), lines
+
+
+@pytest.mark.parametrize("ratio, chosen", [(1.3, "onednn"), (0.9, "torch")])
+def test_fp32_gemm_follows_the_probe_each_way(monkeypatch, ratio, chosen):
+    """Auto: oneDNN only on an AVX-512 CPU where the probe finds it FP32_GEMM_LINE x as fast
+    (faked here both ways), torch's on AVX2; the env pins it; a bad pin names the allowed values."""
+    monkeypatch.delenv(policy_module.FP32_GEMM_ENV, raising=False)
+    monkeypatch.setattr(policy_module, "_FP32_GEMM_PROBE", None)
+    fake = Decision("onednn" if ratio >= policy_module.FP32_GEMM_LINE else "torch", f"probe: {ratio}x")
+    monkeypatch.setattr(policy_module, "_probe_fp32_gemm", lambda onednn: fake)
+    p = get_device("cpu").precision
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert p.fp32_gemm() == Decision(chosen, f"probe: {ratio}x")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # no probe: torch's
+    assert p.fp32_gemm().value == "torch" and "AVX2" in p.fp32_gemm().reason
+    for pin in ("torch", "onednn"):
+        monkeypatch.setenv(policy_module.FP32_GEMM_ENV, pin)
+        assert p.fp32_gemm().value == pin and "pinned" in p.fp32_gemm().reason
+    monkeypatch.setenv(policy_module.FP32_GEMM_ENV, "mkl")
+    with pytest.raises(ConfigError, match="CHIPSHIFT_FP32_GEMM = 'mkl': allowed values are auto, onednn, torch"):
+        p.fp32_gemm()
+
+
+def test_fp32_gemm_probe_times_both_paths_and_draws_no_global_randomness():
+    from chipshift.devices.kernels import onednn
+
+    if onednn.available() is not None:
+        pytest.skip(onednn.available())
+    before = torch.random.get_rng_state()
+    decision = policy_module._probe_fp32_gemm(onednn)
+    assert torch.equal(before, torch.random.get_rng_state())
+    assert decision.value in ("onednn", "torch") and "as fast through oneDNN" in decision.reason

@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from chipshift.cli import main as cli_main
 from chipshift.devices import get_device
@@ -439,3 +440,83 @@ def test_upcast_attention_matches_native_bf16_sdpa(kv_heads):
     torch.testing.assert_close(outs[1].float(), outs[0].float(), rtol=2e-2, atol=2e-2)
     for a, b in zip(*grads):
         torch.testing.assert_close(b.float(), a.float(), rtol=5e-2, atol=5e-2)
+
+
+# -- float32 GEMMs through oneDNN (devices.kernels.onednn) --------------------------------------
+def test_onednn_linear_matches_torch_forward_and_backward():
+    from chipshift.devices.kernels import onednn
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 70, 48, generator=g, requires_grad=True)
+    w = torch.randn(40, 48, generator=g, requires_grad=True)
+    b = torch.randn(40, generator=g, requires_grad=True)
+    dy = torch.randn(3, 70, 40, generator=g)
+    grads = []
+    for fn in (onednn.linear, F.linear):
+        y = fn(x, w, b)
+        grads.append((y, *torch.autograd.grad(y, (x, w, b), dy)))
+    for ours, plain in zip(*grads):
+        torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+    assert onednn.linear(x.bfloat16(), w.bfloat16()) is None  # not float32: the caller's plain path
+
+
+def test_trainer_float32_gemms_through_onednn_or_torch_train_alike(tmp_path, monkeypatch):
+    """Pinned either way, a float32 run's losses agree; under oneDNN every plain linear and the
+    loss head go through it, a LoRA layer keeps its own forward, and the log says which."""
+    from chipshift.devices.kernels import onednn
+    from chipshift.model.lora import LoRALinear
+
+    losses, trainers = {}, {}
+    for choice in ("torch", "onednn"):
+        monkeypatch.setenv("CHIPSHIFT_FP32_GEMM", choice)
+        cfg, lines = tiny_cfg(tmp_path / choice), []
+        trainer = Trainer(cfg, LanguageModeling(), streams()[0], model_cfg=cfg.model_config(), log=lines.append)
+        losses[choice] = [trainer.train_step().loss for _ in range(4)]
+        trainers[choice] = trainer
+        assert trainer.fp32_gemm == choice and any(line.startswith("float32 GEMMs: ") for line in lines)
+    assert losses["torch"] == pytest.approx(losses["onednn"], rel=1e-5)
+    model = trainers["onednn"].model
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert linears and all(m.forward.args[0] is onednn.linear for m in linears)
+    assert model.head_gemms == (onednn.mm_nt, onednn.mm_nn)
+    assert trainers["torch"].model.head_gemms is None
+    assert not any("forward" in m.__dict__ for m in trainers["torch"].model.modules())
+    lora = LoRALinear(torch.nn.Linear(8, 8), rank=2, alpha=4, dropout=0.0)
+    model.layers[0].mlp.down_proj = lora
+    model.use_linear_kernel(onednn.linear)
+    assert "forward" not in lora.__dict__
+
+
+def test_bfloat16_run_keeps_torch_gemms(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHIPSHIFT_FP32_GEMM", "onednn")
+    cfg = tiny_cfg(tmp_path, run={"dtype": "bfloat16"})
+    trainer = Trainer(cfg, LanguageModeling(), streams()[0], model_cfg=cfg.model_config(), log=lambda *a: None)
+    assert trainer.fp32_gemm == "torch" and getattr(trainer.model, "head_gemms", None) is None
+
+
+def test_resumed_run_keeps_the_float32_gemms_it_began_with(tmp_path, monkeypatch):
+    """A resumed process whose probe decides otherwise keeps the checkpoint's GEMMs, so the run
+    resumes exactly; a pinned run.fp32_gemm wins over the checkpoint."""
+    monkeypatch.setenv("CHIPSHIFT_FP32_GEMM", "onednn")
+    cfg = tiny_cfg(tmp_path)
+    first = Trainer(cfg, LanguageModeling(), streams()[0], model_cfg=cfg.model_config(), log=lambda *a: None)
+    first.train_step()
+    path = first.save(tmp_path)
+    _, sidecar = state.latest_valid(tmp_path)
+    assert sidecar["meta"]["fp32_gemm"] == "onednn"
+    monkeypatch.setenv("CHIPSHIFT_FP32_GEMM", "torch")
+    lines = []
+    resumed = Trainer(cfg, LanguageModeling(), streams()[0], model_cfg=cfg.model_config(), log=lines.append)
+    assert resumed.fp32_gemm == "torch"
+    resumed.restore(path, sidecar)
+    assert resumed.fp32_gemm == "onednn" and resumed.model.head_gemms is not None
+    assert any("as the run began" in line for line in lines)
+    pinned = tiny_cfg(tmp_path, run={"fp32_gemm": "torch"})
+    kept = Trainer(pinned, LanguageModeling(), streams()[0], model_cfg=pinned.model_config(), log=lambda *a: None)
+    kept.restore(path, sidecar)
+    assert kept.fp32_gemm == "torch"
+
+
+def test_fp32_gemm_setting_names_its_allowed_values(tmp_path):
+    with pytest.raises(ConfigError, match="run.fp32_gemm.*auto.*onednn.*torch"):
+        tiny_cfg(tmp_path, run={"fp32_gemm": "mkl"})

@@ -27,6 +27,8 @@ fact, probed with a timed matmul, drives the decisions below:
     compile training        fixed-shape runs estimated at COMPILE_MIN_SECONDS  run.compile
                             or more of eager steps, where inductor generates
                             kernels (a CPU with a C++ compiler, cuda, xpu)
+    float32 training GEMMs  on an AVX-512 CPU, oneDNN's where it is no slower  run.fp32_gemm
+                            than torch's default BLAS (probe), else torch's
 
 On a CPU the auto compute dtype is bfloat16 or float32, never float16: a CPU with float16
 arithmetic but emulated bfloat16 (AVX512-FP16 without AMX) trains in float32 and serves
@@ -40,6 +42,7 @@ one-row GEMV) can be pinned from outside, for tests and for users:
     CHIPSHIFT_CPU_KERNELS=off        chipshift's native CPU kernels are unavailable, as on a
                                      machine without a C compiler; =on: used wherever they
                                      build, without the speed probe
+    CHIPSHIFT_FP32_GEMM=onednn|torch what the float32 GEMM probe would say (CPUs only)
 
 `chipshift devices` prints every decision with its reason; training and serving log theirs.
 """
@@ -61,6 +64,13 @@ if TYPE_CHECKING:
 
 HALF_ENV = "CHIPSHIFT_HALF"
 KERNELS_ENV = "CHIPSHIFT_CPU_KERNELS"
+FP32_GEMM_ENV = "CHIPSHIFT_FP32_GEMM"
+# Where torch's CPU kernels are AVX-512, oneDNN's float32 GEMM must be at least this fast against
+# torch's to be used: on the AMD AVX512-BF16 CPU it measured 1.06-1.49x on training shapes (the
+# probe 1.10-1.72x, it is noisy on a 2-core machine); with the AVX2 instruction set forced,
+# 0.8-1.3x (the probe 0.97-1.26x, and a float32 S step 8% slower through it), so AVX2 keeps torch's
+FP32_GEMM_LINE = 1.0
+FP32_GEMM_PROBE_ROUNDS = 5
 # torch.compile of a training step costs 10-20 s once with inductor's cache warm and up to
 # 90 s on a fresh machine (2-core CPU; S: 47 s cold, 12 s warm), then saves up to a fifth of
 # every step (float32 M about 20% on the Intel CPU without AMX; S, and bfloat16 S and M on the
@@ -73,6 +83,7 @@ EAGER_MFU = 0.5
 # half precision: AVX2 CPUs measure 0.05-0.3, AVX512-BF16 and AMX CPUs 2-4.
 EMULATED_BELOW = 0.8
 _KERNEL_PROBE: Decision | None = None  # kernel_beats_torch, once per process
+_FP32_GEMM_PROBE: Decision | None = None  # fp32_gemm, once per process
 
 
 def pinned(var: str, allowed: tuple[str, ...]) -> str:
@@ -166,6 +177,35 @@ class PrecisionPolicy:
             _KERNEL_PROBE = Decision(ratio >= 1.1, f"probe: one row through a 2048x2048 bfloat16 weight "
                                                         f"{ratio:.2f}x as fast through the kernel as torch's GEMV")
         return _KERNEL_PROBE
+
+    def fp32_gemm(self) -> Decision:
+        """Which GEMM a CPU float32 training run's linears use: "onednn"
+        (`devices.kernels.onednn`) where torch's CPU kernels are AVX-512 and a timed probe finds
+        it at least FP32_GEMM_LINE x as fast as torch's `mm` (MKL/OpenBLAS), else "torch". The
+        probe, a guard against a CPU where oneDNN is slower, times a forward and an
+        input-gradient product of a 2048 x 384 x 1024 linear (a pre-training projection), three
+        of each per timed block, best of FP32_GEMM_PROBE_ROUNDS blocks per path, in turns, on the
+        run's threads, once per process (about 0.4 s); $CHIPSHIFT_FP32_GEMM pins it."""
+        dev = self.device
+        if not dev.is_cpu:
+            return Decision("torch", f"{dev.type}: the device's own GEMM")
+        if dev.emulation is not None:
+            return Decision("torch", f"emulating {dev.emulation.label} on torch's own kernels")
+        from chipshift.devices.kernels import onednn
+
+        missing = onednn.available()
+        pin = pinned(FP32_GEMM_ENV, ("auto", "onednn", "torch"))
+        if pin == "torch" or (pin == "onednn" and missing is None):
+            return Decision(pin, f"pinned by {FP32_GEMM_ENV}={pin}")
+        if missing is not None:
+            return Decision("torch", missing)
+        if "AVX512" not in (capability := torch.backends.cpu.get_cpu_capability()):
+            return Decision("torch", f"torch's CPU kernels are {capability} here: oneDNN's float32 GEMM gains with "
+                                     "its AVX-512 kernels (with AVX2 only it measured even with torch's)")
+        global _FP32_GEMM_PROBE
+        if _FP32_GEMM_PROBE is None:
+            _FP32_GEMM_PROBE = _probe_fp32_gemm(onednn)
+        return _FP32_GEMM_PROBE
 
     # -- training ----------------------------------------------------------------------------
     def compute_dtype(self, override: str | torch.dtype | None = None) -> Decision:
@@ -357,6 +397,7 @@ class PrecisionPolicy:
             "half_native": self.half_native(),
             "compute_dtype": compute,
             "matmul_upcast": self.matmul_upcast(torch.bfloat16),
+            "fp32_gemm": self.fp32_gemm(),
             "cpu_kernel": self.cpu_kernel(),
             "serving_dtype": serving,
             "inference_twin": self.inference_twin(serving.value),
@@ -382,3 +423,26 @@ def _is_quantized(model: torch.nn.Module) -> bool:
 
     return any(getattr(m, "fmt", None) in FORMATS and getattr(m, "weight", None) is not None
                and m.weight.dtype == torch.uint8 for m in model.modules())
+
+
+def _probe_fp32_gemm(onednn) -> Decision:
+    import time
+
+    g = torch.Generator().manual_seed(0)  # leaves the global generator alone
+    x, w, dy = (torch.randn(shape, generator=g) for shape in ((2048, 384), (1024, 384), (2048, 1024)))
+    paths = {"torch": (lambda: x @ w.T, lambda: dy @ w),
+             "onednn": (lambda: onednn.mm_nt(x, w), lambda: onednn.mm_nn(dy, w))}
+    best = dict.fromkeys(paths, float("inf"))
+    # blocks of 3 forward + input-gradient pairs per path, in turns: single calls timed one by
+    # one, interleaved, favoured oneDNN even where its training step measured slower (AVX2)
+    for _ in range(FP32_GEMM_PROBE_ROUNDS):
+        for name, (forward, backward) in paths.items():
+            t0 = time.perf_counter()
+            for _ in range(3):
+                forward()
+                backward()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    ratio = best["torch"] / best["onednn"]
+    value = "onednn" if ratio >= FP32_GEMM_LINE else "torch"
+    return Decision(value, f"probe: a float32 linear's forward and input gradient {ratio:.2f}x as fast through "
+                           f"oneDNN as through torch's mm, the line being {FP32_GEMM_LINE}x")

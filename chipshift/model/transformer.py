@@ -394,6 +394,20 @@ class Transformer(nn.Module):
         return self.logits(self.forward_hidden(input_ids, **kwargs))
 
     # -- other kernels -----------------------------------------------------------------
+    def use_linear_kernel(self, kernel=None, head_gemms=None) -> None:
+        """In place, for training: every nn.Linear computes `kernel(x, weight, bias)` (None from
+        the kernel: that call runs the plain path); `kernel=None` restores the plain path.
+        Gradients flow through the kernel's own autograd. Subclasses (a LoRA layer) keep their
+        own forward. `head_gemms`, (x @ w.T, g @ w) for the training loss's output projection,
+        is kept as `head_gemms` for the objectives (`chunked_cross_entropy`)."""
+        self.head_gemms = head_gemms
+        for module in self.modules():
+            if type(module) is nn.Linear:
+                if kernel is None:
+                    module.__dict__.pop("forward", None)
+                else:
+                    module.forward = functools.partial(_swapped_linear, kernel, module)
+
     def with_kernels(self, *, linear=None, linear_many=None, rms_norm=None, quant_linear=None,
                      attn_impl: str | None = None, kv_cache_dtype: torch.dtype | None = None) -> Transformer:
         """A twin of this model for inference that computes with kernels the caller passes in

@@ -47,6 +47,9 @@ class RunConfig:
     compile: str = "auto"
     activation_checkpointing: bool = False
     attn_impl: str = "auto"  # auto (the device layer's choice: PrecisionPolicy.training_attention) | sdpa | math
+    # float32 runs on a CPU: the linears' GEMMs through oneDNN or torch's default BLAS; auto = the
+    # device layer's probe (PrecisionPolicy.fp32_gemm), kept by a resumed run
+    fp32_gemm: str = "auto"  # auto | onednn | torch
     # under torchrun: replicate the model and average gradients ("ddp"), or shard parameters,
     # gradients and optimizer state over the processes with FSDP2 ("fsdp")
     parallel: str = "ddp"
@@ -97,6 +100,7 @@ CHOICES = {
     "run.precision": ("auto", "autocast", "master"),
     "run.half_matmul_upcast": ("auto", "on", "off"),
     "run.attn_impl": ("auto", "sdpa", "math"),
+    "run.fp32_gemm": ("auto", "onednn", "torch"),
     "run.compile": ("auto", "on", "off"),
     "run.parallel": ("ddp", "fsdp"),
     "optim.schedule": ("cosine", "wsd", "constant"),

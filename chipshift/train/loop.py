@@ -183,6 +183,8 @@ class Trainer:
         model.attn_impl = self.attn_impl
         self.flops_per_token = model_flops_per_token(
             model_cfg, getattr(self.train_stream, "seq_len", model_cfg.max_seq_len))
+        self.fp32_gemm = self._resolve_fp32_gemm()
+        self._use_fp32_gemm(model, self.fp32_gemm)
         self.compiled = self._resolve_compile()
         if self.compiled:
             model.forward_hidden = torch.compile(model.forward_hidden)
@@ -190,6 +192,31 @@ class Trainer:
             distributed.shard(model, dev, self.world, self.dtype if self.precision == "master" else None)
         self.model, self.model_cfg = model, model_cfg
         self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def _resolve_fp32_gemm(self) -> str:
+        """Float32 runs on a CPU: whether the linears' GEMMs go through oneDNN (run.fp32_gemm, or
+        the device layer's probe), logged. Under torchrun only where every process's probe
+        chose it, so all compute alike."""
+        run, dev = self.cfg.run, self.device
+        if self.precision != "float32" or self.sharded or not dev.is_cpu or dev.emulation is not None:
+            return "torch"
+        choice, why = (run.fp32_gemm, f"run.fp32_gemm = '{run.fp32_gemm}'") if run.fp32_gemm != "auto" \
+            else dev.precision.fp32_gemm()
+        if run.fp32_gemm == "auto" and self.world.active:
+            agreed = float(distributed.all_mean(torch.tensor([float(choice == "onednn")]), self.world)) == 1.0
+            if choice == "onednn" and not agreed:
+                choice, why = "torch", f"not every process's probe chose oneDNN ({why})"
+        self.log(f"float32 GEMMs: {'oneDNN' if choice == 'onednn' else 'torch'} ({why})")
+        return choice
+
+    @staticmethod
+    def _use_fp32_gemm(model: Transformer, choice: str) -> None:
+        from chipshift.devices.kernels import onednn
+
+        if choice == "onednn":
+            model.use_linear_kernel(onednn.linear, (onednn.mm_nt, onednn.mm_nn))
+        else:
+            model.use_linear_kernel(None)
 
     def _resolve_compile(self) -> bool:
         """run.compile, or where it is "auto" the device layer's decision for this run (long
@@ -361,7 +388,7 @@ class Trainer:
         return {"data_cursor": self.cursor, "bad_in_row": self.bad_in_row, "bad_total": self.bad_total,
                 "global_batch": self.cfg.data.batch_size, "world_size": self.world.size,
                 "objective": self.objective.name, "precision": self.precision,
-                "compute_dtype": dtype_name(self.dtype),
+                "compute_dtype": dtype_name(self.dtype), "fp32_gemm": self.fp32_gemm,
                 "scaler": self.scaler.state_dict() if self.scaler else None, "scaler_skips": self.scaler_skips}
 
     def save(self, run_dir: Path, tokenizer_dir=None) -> Path | None:
@@ -418,6 +445,12 @@ class Trainer:
                          f"generator keeps its seeded state")
         if self.scaler and meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
+        if self.cfg.run.fp32_gemm == "auto" and meta.get("fp32_gemm", self.fp32_gemm) != self.fp32_gemm:
+            # the probe may decide otherwise in this process: the run keeps the GEMMs it began
+            # with, so that it resumes exactly
+            self.fp32_gemm = meta["fp32_gemm"]
+            self._use_fp32_gemm(self.model, self.fp32_gemm)
+            self.log(f"float32 GEMMs: {self.fp32_gemm}, as the run began (checkpoint {path.name})")
         self.step, self.cursor = meta["step"], meta["data_cursor"]
         self.bad_in_row, self.bad_total = meta["bad_in_row"], meta["bad_total"]
         self.scaler_skips = meta.get("scaler_skips", 0)

@@ -65,7 +65,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_rows: int, compute_dtype, need_grad: bool, ws: LossWorkspace):
+    def forward(ctx, hidden, weight, labels, chunk_rows: int, compute_dtype, need_grad: bool, ws: LossWorkspace,
+                gemms=None):
         n, dev = hidden.shape[0], hidden.device
         valid = labels != IGNORE_INDEX
         count = valid.sum().clamp(min=1)
@@ -82,13 +83,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for s in chunks:
             hc, yc, vc = h[s:s + chunk_rows], labels[s:s + chunk_rows], valid[s:s + chunk_rows]
             r, vocab = hc.shape[0], w.shape[0]  # the first chunk is the largest: it sizes the buffers
-            x = ws.get("logits", (r, vocab), torch.float32, dev)
-            if half:  # the GEMM writes the compute dtype; its float32 copy is reduced
+            if gemms is not None and not half:  # the device's float32 GEMM writes its own output
+                x = gemms[0](hc, w)
+            elif half:  # the GEMM writes the compute dtype; its float32 copy is reduced
+                x = ws.get("logits", (r, vocab), torch.float32, dev)
                 low = ws.get("logits_half", (r, vocab), compute_dtype, dev)
                 torch.mm(hc, w.T, out=low)
                 x.copy_(low)
             else:
-                torch.mm(hc, w.T, out=x)
+                torch.mm(hc, w.T, out=(x := ws.get("logits", (r, vocab), torch.float32, dev)))
             y = yc.clamp(min=0)
             target = x.gather(1, y[:, None]).squeeze(1)
             top = x.amax(1)
@@ -100,7 +103,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             x.mul_((weight_rows / sums)[:, None])
             x[torch.arange(r, device=dev), y] -= weight_rows
             g = low.copy_(x) if half else x
-            torch.mm(g, w, out=grad_h[s:s + r])
+            if gemms is not None and not half:
+                grad_h[s:s + r] = gemms[1](g, w)
+            else:
+                torch.mm(g, w, out=grad_h[s:s + r])
             if not accumulate_half:
                 grad_w = g.T @ hc if grad_w is None else grad_w.addmm_(g.T, hc)
                 continue
@@ -124,7 +130,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # the activations, at the very start of backward, which is a step's memory peak
         gh = _scaled(grad_h, grad_out, h_dtype) if ctx.needs_input_grad[0] else None
         gw = _scaled(grad_w, grad_out, w_dtype) if ctx.needs_input_grad[1] else None
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None
 
 
 def _scaled(grad: torch.Tensor, by: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -133,11 +139,12 @@ def _scaled(grad: torch.Tensor, by: torch.Tensor, dtype: torch.dtype) -> torch.T
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                           chunk_rows: int | None = None, compute_dtype: torch.dtype | None = None,
-                          workspace: LossWorkspace | None = None) -> torch.Tensor:
+                          workspace: LossWorkspace | None = None, gemms=None) -> torch.Tensor:
     """Mean next-token cross-entropy over labels != -100; hidden (N, H), weight (V, H).
     `chunk_rows` default: `chipshift.model.memory.loss_chunk_rows`, the rule the memory
     estimate counts with. `workspace`: buffers kept across calls (an objective holds one);
-    without it the call allocates its own."""
+    without it the call allocates its own. `gemms`: float32 (x @ w.T, g @ w) the device layer
+    chose for the model (`Transformer.head_gemms`), else torch.mm."""
     compute_dtype = compute_dtype or hidden.dtype
     if chunk_rows is None:
         chunk_rows = loss_chunk_rows(weight.shape[0])
@@ -145,7 +152,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     with torch.autocast(hidden.device.type, enabled=False):
         return _ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
                                                 labels.reshape(-1), chunk_rows, compute_dtype, need_grad,
-                                                workspace or LossWorkspace())
+                                                workspace or LossWorkspace(),
+                                                gemms if compute_dtype == torch.float32 else None)
 
 
 def reference_cross_entropy(model, input_ids, labels) -> torch.Tensor:
@@ -168,5 +176,5 @@ class LanguageModeling:
         compute = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
             else model.output_weight.dtype
         loss = chunked_cross_entropy(hidden, model.output_weight, batch["labels"], self.chunk_rows, compute,
-                                     self.workspace)
+                                     self.workspace, getattr(model, "head_gemms", None))
         return loss, {}

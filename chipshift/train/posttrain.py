@@ -184,7 +184,8 @@ class SFT:
         hidden = _forward(model, batch)
         valid = batch["labels"] != IGNORE_INDEX
         loss = chunked_cross_entropy(hidden[valid], model.output_weight, batch["labels"][valid],
-                                     self.chunk_rows, _compute_dtype(model, hidden), self.workspace)
+                                     self.chunk_rows, _compute_dtype(model, hidden), self.workspace,
+                                     getattr(model, "head_gemms", None))
         return loss, {}
 
     def tokens(self, batch) -> int:
