@@ -152,15 +152,18 @@ def _time(step, steps, warmup, dev, base, extra) -> dict:
 
 
 def worker_ceiling(dtype: str, device: str) -> dict:
-    """Best measured square-GEMM FLOP/s (n = 512 and 1024) in `dtype`."""
+    """Best measured square-GEMM FLOP/s (n = 512 and 1024) in `dtype`; float32 on a CPU: the better
+    of torch's mm and oneDNN's GEMM, which chipshift's float32 training may use."""
     import torch
 
-    from chipshift.devices import get_device, measure_matmul_flops, parse_dtype
+    from chipshift.devices import cpu_fp32_onednn_flops, get_device, measure_matmul_flops, parse_dtype
     dev = get_device(device)
     best = 0.0
     for n in (512, 1024):
         best = max(best, measure_matmul_flops(dev.torch_device, parse_dtype(dtype), n=n, seconds=0.5,
                                               sync=dev.synchronize))
+        if dev.is_cpu and parse_dtype(dtype) == torch.float32:
+            best = max(best, cpu_fp32_onednn_flops(n, seconds=0.5))
     return {"flops": best, "threads": torch.get_num_threads()}
 
 

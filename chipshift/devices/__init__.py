@@ -145,23 +145,35 @@ _CPU_PEAK_CACHE: dict[str, float] = {}
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024,
-                         seconds: float = 0.3, sync=lambda: None) -> float:
-    """Measured FLOP/s of an n x n matmul on `device` in `dtype` (best of a short run)."""
+                         seconds: float = 0.3, sync=lambda: None, matmul=None) -> float:
+    """Measured FLOP/s of an n x n matmul on `device` in `dtype` (best of a short run):
+    torch.matmul, or `matmul(a, b)` (another library's product of two n x n matrices)."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
-    torch.matmul(a, b, out=out)
+    product = (lambda: torch.matmul(a, b, out=out)) if matmul is None else (lambda: matmul(a, b))
+    product()
     sync()
     best = 0.0
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         t0 = time.perf_counter()
         for _ in range(4):
-            torch.matmul(a, b, out=out)
+            product()
         sync()
         dt = time.perf_counter() - t0
         best = max(best, 4 * 2 * n**3 / dt)
     return best
+
+
+def cpu_fp32_onednn_flops(n: int = 1024, seconds: float = 0.3) -> float:
+    """FLOP/s of oneDNN's float32 n x n GEMM on the CPU (0 where this torch has none): part of
+    the float32 ceiling wherever training may route its linears there (`kernels.onednn`)."""
+    from chipshift.devices.kernels import onednn
+
+    if onednn.available() is not None:
+        return 0.0
+    return measure_matmul_flops(torch.device("cpu"), torch.float32, n=n, seconds=seconds, matmul=onednn.mm_nt)
 
 
 _HALF_PROBE_CACHE: dict[str, tuple[float, float]] = {}
@@ -364,8 +376,11 @@ class Device:
                 # native half (AVX512-BF16, AMX): 256 x 256 leaves it below its ceiling (AMX
                 # bf16 measured 0.9 against 1.4 TFLOP/s at 1024), which would overstate MFU
                 flops = max(flops, measure_matmul_flops(self.torch_device, dtype, n=1024, sync=self.synchronize))
+            if self.is_cpu and dtype == torch.float32:  # oneDNN's GEMM, where it is faster (kernels.onednn)
+                flops = max(flops, cpu_fp32_onednn_flops(n))
             _CPU_PEAK_CACHE[key] = flops
-        return _CPU_PEAK_CACHE[key], f"measured: {dtype_name(dtype)} matmul probe"
+        both = " (torch's and oneDNN's GEMMs, the faster)" if self.is_cpu and dtype == torch.float32 else ""
+        return _CPU_PEAK_CACHE[key], f"measured: {dtype_name(dtype)} matmul probe{both}"
 
 
 def get_device(spec: str | None = None, emulate: str | None = None) -> Device:
