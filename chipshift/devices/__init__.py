@@ -377,7 +377,7 @@ class Device:
                 # bf16 measured 0.9 against 1.4 TFLOP/s at 1024), which would overstate MFU
                 flops = max(flops, measure_matmul_flops(self.torch_device, dtype, n=1024, sync=self.synchronize))
             if self.is_cpu and dtype == torch.float32:  # oneDNN's GEMM, where it is faster (kernels.onednn)
-                flops = max(flops, cpu_fp32_onednn_flops(n))
+                flops = max(flops, cpu_fp32_onednn_flops(n, seconds=0.15))
             _CPU_PEAK_CACHE[key] = flops
         both = " (torch's and oneDNN's GEMMs, the faster)" if self.is_cpu and dtype == torch.float32 else ""
         return _CPU_PEAK_CACHE[key], f"measured: {dtype_name(dtype)} matmul probe{both}"
