@@ -177,11 +177,9 @@ def describe_machine() -> dict:
 
 def resolve_dtype(name: str) -> str:
     """float32 / bfloat16 / float16; auto = what chipshift's precision policy picks on this CPU."""
-    if name == "auto":
-        from chipshift.devices import get_device
+    from chipshift.devices import dtype_name, get_device
 
-        return str(get_device("cpu").precision.compute_dtype().value).removeprefix("torch.")
-    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(name, name)
+    return dtype_name(get_device("cpu").precision.compute_dtype(name).value)
 
 
 def prepare(args) -> None:

@@ -179,22 +179,32 @@ def cpu_fp32_onednn_flops(n: int = 1024, seconds: float = 0.3) -> float:
 _HALF_PROBE_CACHE: dict[str, tuple[float, float]] = {}
 
 
+def best_in_turns(bursts, rounds: int, sync=lambda: None) -> list[float]:
+    """The shortest time of each burst (a callable) over `rounds`, timed in turns (one of each
+    per round), so that every burst meets the same slow phases of a shared machine."""
+    best = [float("inf")] * len(bursts)
+    for _ in range(rounds):
+        for i, burst in enumerate(bursts):
+            t0 = time.perf_counter()
+            burst()
+            sync()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
 def compare_matmul_flops(device: torch.device, dtypes: tuple[torch.dtype, ...], n: int = 256, rounds: int = 6,
                          sync=lambda: None) -> list[float]:
-    """Best FLOP/s of an n x n matmul in each of `dtypes`, measured in turns (one burst of
-    each per round), so that every dtype meets the same slow phases of a shared machine."""
+    """Best FLOP/s of an n x n matmul in each of `dtypes`, measured in turns (`best_in_turns`,
+    a burst of two products each)."""
     mats = [(torch.randn(n, n, device=device).to(d), torch.randn(n, n, device=device).to(d)) for d in dtypes]
     outs = [torch.matmul(a, b) for a, b in mats]
     sync()
-    best = [0.0] * len(dtypes)
-    for _ in range(rounds):
-        for i, ((a, b), out) in enumerate(zip(mats, outs)):
-            t0 = time.perf_counter()
-            for _ in range(2):
-                torch.matmul(a, b, out=out)
-            sync()
-            best[i] = max(best[i], 2 * 2 * n**3 / (time.perf_counter() - t0))
-    return best
+
+    def burst(a, b, out):
+        return lambda: [torch.matmul(a, b, out=out) for _ in range(2)]
+
+    times = best_in_turns([burst(a, b, out) for (a, b), out in zip(mats, outs)], rounds, sync)
+    return [2 * 2 * n**3 / t for t in times]
 
 
 @dataclass

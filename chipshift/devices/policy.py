@@ -178,14 +178,15 @@ class PrecisionPolicy:
                                                         f"{ratio:.2f}x as fast through the kernel as torch's GEMV")
         return _KERNEL_PROBE
 
-    def fp32_gemm(self) -> Decision:
+    def fp32_gemm(self, override: str | None = None) -> Decision:
         """Which GEMM a CPU float32 training run's linears use: "onednn"
         (`devices.kernels.onednn`) where torch's CPU kernels are AVX-512 and a timed probe finds
         it at least FP32_GEMM_LINE x as fast as torch's `mm` (MKL/OpenBLAS), else "torch". The
         probe, a guard against a CPU where oneDNN is slower, times a forward and an
         input-gradient product of a 2048 x 384 x 1024 linear (a pre-training projection), three
         of each per timed block, best of FP32_GEMM_PROBE_ROUNDS blocks per path, in turns, on the
-        run's threads, once per process (about 0.4 s); $CHIPSHIFT_FP32_GEMM pins it."""
+        run's threads, once per process (about 0.4 s); `override` (run.fp32_gemm) or
+        $CHIPSHIFT_FP32_GEMM pins it."""
         dev = self.device
         if not dev.is_cpu:
             return Decision("torch", f"{dev.type}: the device's own GEMM")
@@ -194,9 +195,13 @@ class PrecisionPolicy:
         from chipshift.devices.kernels import onednn
 
         missing = onednn.available()
-        pin = pinned(FP32_GEMM_ENV, ("auto", "onednn", "torch"))
+        if override not in (None, "auto"):
+            pin, by = override, f"run.fp32_gemm = '{override}'"
+        else:
+            pin = pinned(FP32_GEMM_ENV, ("auto", "onednn", "torch"))
+            by = f"pinned by {FP32_GEMM_ENV}={pin}"
         if pin == "torch" or (pin == "onednn" and missing is None):
-            return Decision(pin, f"pinned by {FP32_GEMM_ENV}={pin}")
+            return Decision(pin, by)
         if missing is not None:
             return Decision("torch", missing)
         if "AVX512" not in (capability := torch.backends.cpu.get_cpu_capability()):
@@ -426,22 +431,16 @@ def _is_quantized(model: torch.nn.Module) -> bool:
 
 
 def _probe_fp32_gemm(onednn) -> Decision:
-    import time
+    from chipshift.devices import best_in_turns
 
     g = torch.Generator().manual_seed(0)  # leaves the global generator alone
     x, w, dy = (torch.randn(shape, generator=g) for shape in ((2048, 384), (1024, 384), (2048, 1024)))
+    # bursts of 3 forward + input-gradient pairs per path, in turns: single calls timed one by
+    # one, interleaved, favoured oneDNN even where its training step measured slower (AVX2)
     paths = {"torch": (lambda: x @ w.T, lambda: dy @ w),
              "onednn": (lambda: onednn.mm_nt(x, w), lambda: onednn.mm_nn(dy, w))}
-    best = dict.fromkeys(paths, float("inf"))
-    # blocks of 3 forward + input-gradient pairs per path, in turns: single calls timed one by
-    # one, interleaved, favoured oneDNN even where its training step measured slower (AVX2)
-    for _ in range(FP32_GEMM_PROBE_ROUNDS):
-        for name, (forward, backward) in paths.items():
-            t0 = time.perf_counter()
-            for _ in range(3):
-                forward()
-                backward()
-            best[name] = min(best[name], time.perf_counter() - t0)
+    bursts = [lambda fns=fns: [f() for _ in range(3) for f in fns] for fns in paths.values()]
+    best = dict(zip(paths, best_in_turns(bursts, FP32_GEMM_PROBE_ROUNDS)))
     ratio = best["torch"] / best["onednn"]
     value = "onednn" if ratio >= FP32_GEMM_LINE else "torch"
     return Decision(value, f"probe: a float32 linear's forward and input gradient {ratio:.2f}x as fast through "

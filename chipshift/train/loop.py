@@ -198,10 +198,9 @@ class Trainer:
         the device layer's probe), logged. Under torchrun only where every process's probe
         chose it, so all compute alike."""
         run, dev = self.cfg.run, self.device
-        if self.precision != "float32" or self.sharded or not dev.is_cpu or dev.emulation is not None:
+        if self.precision != "float32" or self.sharded or not dev.is_cpu:
             return "torch"
-        choice, why = (run.fp32_gemm, f"run.fp32_gemm = '{run.fp32_gemm}'") if run.fp32_gemm != "auto" \
-            else dev.precision.fp32_gemm()
+        choice, why = dev.precision.fp32_gemm(run.fp32_gemm)
         if run.fp32_gemm == "auto" and self.world.active:
             agreed = float(distributed.all_mean(torch.tensor([float(choice == "onednn")]), self.world)) == 1.0
             if choice == "onednn" and not agreed:

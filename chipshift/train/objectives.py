@@ -83,7 +83,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for s in chunks:
             hc, yc, vc = h[s:s + chunk_rows], labels[s:s + chunk_rows], valid[s:s + chunk_rows]
             r, vocab = hc.shape[0], w.shape[0]  # the first chunk is the largest: it sizes the buffers
-            if gemms is not None and not half:  # the device's float32 GEMM writes its own output
+            if gemms is not None:  # the device's float32 GEMM (float32 only) writes its own output
                 x = gemms[0](hc, w)
             elif half:  # the GEMM writes the compute dtype; its float32 copy is reduced
                 x = ws.get("logits", (r, vocab), torch.float32, dev)
@@ -103,7 +103,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             x.mul_((weight_rows / sums)[:, None])
             x[torch.arange(r, device=dev), y] -= weight_rows
             g = low.copy_(x) if half else x
-            if gemms is not None and not half:
+            if gemms is not None:
                 grad_h[s:s + r] = gemms[1](g, w)
             else:
                 torch.mm(g, w, out=grad_h[s:s + r])

@@ -67,7 +67,7 @@ class _Linear(torch.autograd.Function):
 
 def _opaque(name: str, fn, out_shape):
     """`fn(a, b)` as a custom operator that torch.compile calls as it is."""
-    op = torch.library.custom_op(f"chipshift::{name}", lambda a, b: fn(a, b), mutates_args=(),
+    op = torch.library.custom_op(f"chipshift::{name}", fn, mutates_args=(),
                                  schema="(Tensor a, Tensor b) -> Tensor")
     op.register_fake(lambda a, b: a.new_empty(out_shape(a, b)))
     return op
