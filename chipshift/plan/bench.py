@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from chipshift.devices import HALF, Device, cpu_class, dtype_name, get_device, measure_matmul_flops, parse_dtype
+from chipshift.devices import Device, cpu_class, dtype_name, get_device, measure_matmul_flops, parse_dtype
 from chipshift.errors import ChipshiftError
 from chipshift.model import flops, memory
 from chipshift.model.checkpoint import load_checkpoint, read_sidecar, versions
@@ -80,13 +80,19 @@ def model_config(spec: str) -> tuple[ModelConfig, str | None]:
 
 # -- ceilings ----------------------------------------------------------------------------
 
+# a CPU GEMM slower than this is emulated (AVX2 bfloat16 runs at 1-2 GFLOP/s, native ones at 50+)
+SLOW_CPU_GEMM_FLOPS = 20e9
+
+
 def matmul_ceilings(dev: Device) -> dict[str, dict]:
     out = {}
     for name in dev.working_dtypes():
         dtype = parse_dtype(name)
-        # CPUs without native half-precision GEMMs emulate them ~10-100x slower: keep those small
-        half_on_cpu = dev.is_cpu and dtype in HALF and not dev.precision.half_native(dtype).value
-        n = (256 if half_on_cpu else 512 if dtype == torch.float64 else 1024) if dev.is_cpu else 8192
+        n = (512 if dtype == torch.float64 else 1024) if dev.is_cpu else 8192
+        # an emulated GEMM is ~10-100x slower: keep it small, by what a small product takes here
+        # (the policy's answer may be pinned, and it speaks for bfloat16, not every half dtype)
+        if dev.is_cpu and measure_matmul_flops(dev.torch_device, dtype, n=256, seconds=0) < SLOW_CPU_GEMM_FLOPS:
+            n = 256
         out[name] = {"flops": measure_matmul_flops(dev.torch_device, dtype, n=n, seconds=0.3, sync=dev.synchronize),
                      "n": n}
     return out
