@@ -146,12 +146,12 @@ def evaluate_checkpoint(ckpt: str | Path, tasks: list[str], device: str | None =
     from chipshift.model.config import ModelConfig
     from chipshift.model.hf import export_hf_tokenizer
 
+    with _offline():  # a bad task name is reported before the device or the checkpoint is touched
+        manager = task_manager(include_path)
+        check_tasks(tasks, manager)
     dev = get_device(device)
     torch_dtype, _ = dev.precision.serving_dtype(dtype)
     cfg = ModelConfig.from_dict(read_sidecar(ckpt)["model_config"])
-    with _offline():
-        manager = task_manager(include_path)
-        check_tasks(tasks, manager)
     with tempfile.TemporaryDirectory(prefix="chipshift-eval-") as tmp:
         if not export_hf_tokenizer(ckpt, tmp):
             raise ChipshiftError(f"{ckpt}: has no tokenizer (tokenizer.json); lm-eval needs one to build requests")
