@@ -16,6 +16,8 @@ from chipshift.model.checkpoint import (
     verify_checkpoint,
 )
 
+pytestmark = pytest.mark.any_class  # nothing here asks the precision policy (conftest checks)
+
 
 @pytest.fixture
 def ckpt(tmp_path, tiny_tokenizer_dir):

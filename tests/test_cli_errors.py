@@ -54,7 +54,9 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# all but "not a checkpoint" fail before the precision policy is asked (generate asks it first)
+@pytest.mark.parametrize("case", [pytest.param(c, marks=() if c == "not a checkpoint" else pytest.mark.any_class)
+                                  for c in CASES])
 def test_one_line_error_exit_2(case, tmp_path):
     make_args, message = CASES[case]
     r = chipshift(*make_args(tmp_path))

@@ -16,6 +16,8 @@ from chipshift.data.tokenizer import Tokenizer
 from chipshift.data.tokenizer_train import train_and_save
 from chipshift.errors import ChipshiftError
 
+pytestmark = pytest.mark.any_class  # nothing here asks the precision policy (conftest checks)
+
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):

@@ -256,6 +256,7 @@ print(max(faults), rss() - settled)
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat") or platform.libc_ver()[0] != "glibc",
                     reason="glibc's malloc on Linux")
+@pytest.mark.any_class
 @pytest.mark.parametrize("setting, reused", [("default", False), ("keep_freed_host_memory", True),
                                              ("return_freed_host_memory", False)])
 def test_host_memory_settings_decide_whether_freed_pages_are_reused(setting, reused):

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from chipshift.cli import main
+
+pytestmark = pytest.mark.any_class  # nothing here asks the precision policy (conftest checks)
 
 
 def _dump(path, torch_version: str, threads: int, dtype: str, compile: bool):

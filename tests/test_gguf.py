@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.any_class  # nothing here asks the precision policy (conftest checks)
+
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 

@@ -19,6 +19,7 @@ def ckpt(tmp_path_factory, tiny_tokenizer_dir):
     return make_checkpoint(tiny_tokenizer_dir, tmp_path_factory.mktemp("harness") / "tiny-chat")
 
 
+@pytest.mark.any_class
 def test_the_shipped_tasks_are_what_the_builder_makes_from_the_corpora(tmp_path):
     build_tasks(tmp_path)
     shipped = sorted(p.name for p in SHIPPED.iterdir() if p.is_file())
@@ -59,7 +60,9 @@ def test_scoring_requests_ask_the_server_to_ignore_eos():
     assert "ignore_eos" not in generating
 
 
-def test_bad_options_are_one_line_and_exit_2(ckpt, capsys):
+@pytest.mark.any_class
+def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys):  # checked before the checkpoint is read
+    ckpt = tmp_path / "ckpt"
     assert main(["eval", str(ckpt), "--tasks", "chipshift", "--limit", "0"]) == 2
     assert "--limit = 0" in capsys.readouterr().err
     assert main(["eval", str(ckpt), "--tasks", "no_such_task", "--device", "cpu"]) == 2

@@ -9,6 +9,8 @@ from chipshift.model.config import ModelConfig
 from chipshift.model.lora import TARGETS, LoRAConfig, LoRALinear, apply_lora, merge_lora
 from chipshift.model.transformer import build_model
 
+pytestmark = pytest.mark.any_class  # nothing here asks the precision policy (conftest checks)
+
 CFG = ModelConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                   intermediate_size=128, max_seq_len=64)
 

@@ -7,6 +7,8 @@ from chipshift.errors import ConfigError
 from chipshift.model import ModelConfig, build_model, preset
 from chipshift.model.generate import generate_naive, sample_next
 
+pytestmark = pytest.mark.any_class  # nothing here asks the precision policy (conftest checks)
+
 
 def tiny(**overrides):
     return preset("tiny", **overrides)

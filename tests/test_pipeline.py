@@ -109,6 +109,7 @@ def test_stage_order_is_checked():
         parse_recipe(raw)
 
 
+@pytest.mark.any_class
 def test_cli_bad_recipe_is_one_line(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[recipe]\nname = "x"\n[stages.pretrain]\ntrain = { steps = -3 }\n')

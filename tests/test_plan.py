@@ -20,6 +20,8 @@ from chipshift.plan.estimate import (make_plan, poisson_quantile, require_fit, r
                                      resolve_model)
 from chipshift.plan.report import TAGS
 
+pytestmark = pytest.mark.any_class  # nothing here asks the precision policy (conftest checks)
+
 LLAMA3_8B = ModelConfig(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
                         intermediate_size=14336, max_seq_len=8192, tie_embeddings=False)
 # GPT-3 175B: 96 layers, d_model 12288, tied 50257-token embedding, 4x GELU MLP; a SwiGLU

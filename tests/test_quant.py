@@ -63,6 +63,7 @@ def test_a_quantized_model_saves_loads_and_computes_its_dequantized_weights(tmp_
     assert held < 0.3 * sum(p.numel() * 4 for p in float_model.parameters())
 
 
+@pytest.mark.any_class
 def test_keep_quantized_gguf_import_serves_the_same_weights(tmp_path):
     """SmolLM2's Q4_1 GGUF read with keep_quantized: its blocks as they are (Q4_1 layers, a
     Q8_0 embedding; q/k rows unpermuted whole), logits bitwise those of the dequantizing

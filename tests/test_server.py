@@ -401,6 +401,7 @@ def test_chat_command_streams_a_reply(tmp_path, tiny_tokenizer_dir):
     assert "8 slots" in proc.stderr
 
 
+@pytest.mark.any_class
 def test_serve_refuses_a_missing_checkpoint_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "chipshift", "serve", str(tmp_path / "nope"), "--device", "cpu"],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -408,6 +409,7 @@ def test_serve_refuses_a_missing_checkpoint_in_one_line(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "not found" in proc.stderr
 
 
+@pytest.mark.any_class
 def test_serve_refuses_a_checkpoint_whose_last_handoff_failed(tmp_path, tiny_tokenizer_dir):
     from chipshift.model.checkpoint import update_sidecar
 

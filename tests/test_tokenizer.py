@@ -12,6 +12,8 @@ from chipshift.data.tokenizer_train import (CHAT_TEMPLATE, SPECIAL_TOKENS, compr
                                             train_tokenizer)
 from chipshift.errors import ChipshiftError
 
+pytestmark = pytest.mark.any_class  # nothing here asks the precision policy (conftest checks)
+
 TRICKY = [
     "", " ", "\n\n\n", "\t tabs\tand  double  spaces  ", "line\r\nwindows\rmac\n",
     "café naïve Ångström", "cafe\u0301 (decomposed)", "emoji 🙂👍🏽 and ZWJ 👨‍👩‍👧", "\x00\x01\x7f control",

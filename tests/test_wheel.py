@@ -83,6 +83,7 @@ def chipshift(venv: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.any_class
 def test_wheel_runs_outside_the_checkout(venv, tmp_path, tiny_tokenizer_dir):
     where = chipshift(venv, tmp_path, "python", "-c", "import chipshift; print(chipshift.__file__)").stdout.strip()
     assert Path(where).is_relative_to(venv) and not Path(where).is_relative_to(ROOT)
@@ -98,7 +99,6 @@ def test_wheel_runs_outside_the_checkout(venv, tmp_path, tiny_tokenizer_dir):
         assert "recipe demo: valid" in out
         assert all(f"  {stage} " in out for stage in demo["stages"]), out
 
-    assert "cpu" in chipshift(venv, tmp_path, "chipshift", "devices").stdout
     plan = chipshift(venv, tmp_path, "chipshift", "plan", "--model", "tiny", "--tokens", "1e9", "--chip", "h100-sxm",
                      "--count", "1").stdout
     assert "H100" in plan
@@ -111,3 +111,8 @@ def test_wheel_runs_outside_the_checkout(venv, tmp_path, tiny_tokenizer_dir):
         shutil.copy(tiny_tokenizer_dir / name, tmp_path / "hf" / name)
     chipshift(venv, tmp_path, "chipshift", "import", "hf", "ckpt")
     assert (tmp_path / "ckpt" / "model.safetensors").is_file() and (tmp_path / "ckpt" / "chipshift.json").is_file()
+
+
+def test_wheel_reports_the_devices_and_their_precision_policy(venv, tmp_path):
+    out = chipshift(venv, tmp_path, "chipshift", "devices").stdout
+    assert "cpu" in out and "precision policy on cpu" in out
