@@ -89,6 +89,24 @@ def test_memory_states_and_sharding():
     assert memory.smallest_count(n, cfg, usable, "ddp", False, prec, 1, 8192) is None
 
 
+def test_master_weight_step_counts_its_float32_gradients_where_activations_are_small():
+    """After backward the bf16 recipe's step holds float32 gradients in place of the half ones:
+    18 bytes per parameter with the activations freed, so a step needs the states plus the larger
+    of the activations and 2 bytes per parameter. Sharded or float32 runs have no such step."""
+    cfg, n = LLAMA3_8B, LLAMA3_8B.num_params()
+    prec = memory.PRECISIONS["bf16-mixed"]
+    small = memory.memory_per_chip(n, cfg, 1, "ddp", True, prec, 1, 128)
+    assert small.activations < 2 * n and small.total == pytest.approx(18 * n)
+    large = memory.memory_per_chip(n, cfg, 1, "ddp", False, prec, 8, 8192)
+    assert large.activations > 2 * n and large.total == pytest.approx(16 * n + large.activations)
+    sharded = memory.memory_per_chip(n, cfg, 8, "fsdp", True, prec, 1, 128)
+    assert sharded.master_step == 0
+    assert memory.memory_per_chip(n, cfg, 1, "ddp", True, memory.PRECISIONS["fp32"], 1, 128).master_step == 0
+    tiny = preset("tiny")
+    assert memory.training_memory(tiny, 1, 8, True, "sdpa").master_step == 2 * tiny.num_params()
+    assert memory.training_memory(tiny, 1, 8, True, "sdpa", master=False).master_step == 0
+
+
 @pytest.mark.parametrize("attention", ["flash", "math"])
 def test_activation_count_matches_saved_tensors(attention):
     """The per-layer count equals the bytes autograd really saves for one decoder layer."""

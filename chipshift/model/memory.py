@@ -6,6 +6,11 @@ Model states (bytes per parameter, AdamW):
     bf16 mixed           2      2         4           8        16   (ZeRO paper's "16 N")
     fp32                 4      4         -           8        16
 
+With float32 master copies (chipshift's bf16 recipe, unsharded) the optimizer step moves each
+half gradient into a float32 one, dropping the half one as it goes: after backward, with the
+activations freed, the states reach 18 bytes per parameter. A step's peak is therefore the
+states plus the larger of the activations and those 2 bytes per parameter.
+
 DDP keeps a whole copy on every chip; FSDP / ZeRO-3 shards all of it over the chips and
 gathers one layer's parameters (and reduce-scatters its gradients) at a time, two layers
 in flight so the next gather overlaps the current compute.
@@ -37,7 +42,7 @@ batch with it before building the model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from chipshift.model.config import ModelConfig
 
@@ -114,10 +119,13 @@ class MemoryPerChip:
     optimizer: float
     gathered: float
     activations: float
+    # what the master-weight optimizer step adds once the activations are gone (float32
+    # gradients for the half ones): it counts only where it is larger than the activations
+    master_step: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.gathered + self.activations
+        return self.params + self.grads + self.optimizer + self.gathered + max(self.activations, self.master_step)
 
     @property
     def label(self) -> str:
@@ -133,6 +141,8 @@ def memory_per_chip(n_params: float, cfg: ModelConfig, count: int, strategy: str
                     attention: str = "flash") -> MemoryPerChip:
     shards = count if strategy == "fsdp" else 1
     p = precision
+    # unsharded, half params keep float32 masters (sharded, the float32 shards are the params)
+    master_step = n_params * (p.master - p.grad) if strategy == "ddp" and p.master else 0.0
     gathered = 0.0
     if strategy == "fsdp" and count > 1:
         layer_params = n_params / cfg.num_layers
@@ -142,6 +152,7 @@ def memory_per_chip(n_params: float, cfg: ModelConfig, count: int, strategy: str
         params=n_params * p.param / shards, grads=n_params * p.grad / shards,
         optimizer=n_params * (p.master + p.moments) / shards, gathered=gathered,
         activations=activation_bytes(cfg, micro_batch, seq_len, p, attention, checkpointing),
+        master_step=master_step,
     )
 
 
@@ -171,16 +182,18 @@ def smallest_count(n_params: float, cfg: ModelConfig, usable_bytes: float, strat
 
 
 def training_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, half: bool, attn_impl: str,
-                    checkpointing: bool = False, shards: int = 1) -> MemoryPerChip:
+                    checkpointing: bool = False, shards: int = 1, master: bool | None = None) -> MemoryPerChip:
     """Bytes one process of chipshift's training loop needs for a step.
 
     `half`: activations in bfloat16 or float16. Half-precision parameters with float32 master
     weights and float32 parameters under autocast both keep 16 bytes of state per parameter,
-    as the bf16-mixed recipe does. `attn_impl`: the model's attention; "math" keeps the
-    softmax probabilities, the fused kernels only their log-sum-exp. `shards` > 1: FSDP over
-    that many processes.
+    as the bf16-mixed recipe does; `master` (default: `half`) says which, for the master-weight
+    step's float32 gradients. `attn_impl`: the model's attention; "math" keeps the softmax
+    probabilities, the fused kernels only their log-sum-exp. `shards` > 1: FSDP over that many
+    processes.
     """
     precision = PRECISIONS["bf16-mixed" if half else "fp32"]
     strategy = "fsdp" if shards > 1 else "ddp"
-    return memory_per_chip(cfg.num_params(), cfg, shards, strategy, checkpointing, precision, micro_batch,
-                           seq_len, "math" if attn_impl == "math" else "flash")
+    m = memory_per_chip(cfg.num_params(), cfg, shards, strategy, checkpointing, precision, micro_batch,
+                        seq_len, "math" if attn_impl == "math" else "flash")
+    return m if master is None or master else replace(m, master_step=0.0)

@@ -243,8 +243,8 @@ def measure_training(dev: Device, s: BenchSettings, cfg: ModelConfig, checkpoint
             "peak_flops": peak_value, "peak_source": peak_source, "mfu": achieved / peak_value,
             "ceiling_fraction": achieved / peak_flops[info.ceiling],
             "peak_memory_bytes": peak,
-            "estimated_memory_bytes": memory.training_memory(cfg, batch, s.seq_len,
-                                                             info.precision != "float32", info.attn_impl).total,
+            "estimated_memory_bytes": memory.training_memory(cfg, batch, s.seq_len, info.precision != "float32",
+                                                             info.attn_impl, master=info.precision == "master").total,
         })
         progress.update(1)
         batch *= 2

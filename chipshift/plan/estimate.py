@@ -273,7 +273,8 @@ class Plan:
             "figures": {k: v.to_dict() for k, v in self.figures.items()},
             "memory_per_chip": [
                 {"strategy": m.label, "params": m.params, "grads": m.grads, "optimizer": m.optimizer,
-                 "gathered": m.gathered, "activations": m.activations, "total": m.total,
+                 "gathered": m.gathered, "activations": m.activations, "master_step": m.master_step,
+                 "total": m.total,
                  "fits": m.total <= self.usable_bytes.value, "smallest_count": n}
                 for m, n in self.memory_rows],
             "usable_bytes_per_chip": self.usable_bytes.to_dict(),

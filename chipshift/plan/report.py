@@ -89,9 +89,10 @@ def memory_table(plan: Plan) -> str:
     rows = []
     for m, smallest in plan.memory_rows:
         over = m.total - usable
-        rows.append([m.label, gb(m.params), gb(m.grads), gb(m.optimizer), gb(m.gathered), gb(m.activations),
-                     gb(m.total), "yes" if over <= 0 else f"no, short by {gb(over)}",
-                     "none" if smallest is None else str(smallest)])
+        # the master-weight step's float32 gradients, where they outweigh the (freed) activations
+        act = gb(m.activations) + (f" (step {gb(m.master_step)})" if m.master_step > m.activations else "")
+        rows.append([m.label, gb(m.params), gb(m.grads), gb(m.optimizer), gb(m.gathered), act, gb(m.total),
+                     "yes" if over <= 0 else f"no, short by {gb(over)}", "none" if smallest is None else str(smallest)])
     return _table(head, rows, "  ")
 
 
@@ -118,7 +119,8 @@ def render_plan(plan: Plan) -> str:
     out.append(memory_table(plan))
     out.append(f"  sources: states = bytes per parameter x {fmt(f['parameters'])} / shards (derived; "
                f"AdamW recipe assumed: {PRECISIONS[chip.precision].name}); activations = tensors autograd "
-               f"keeps (derived, docs/plan.md); micro-batch {plan.micro_batch.source}; "
+               f"keeps, or the master-weight step's float32 gradients where larger (derived, docs/plan.md); "
+               f"micro-batch {plan.micro_batch.source}; "
                f"chip memory {fmt(chip.memory_bytes)} {chip.memory_bytes.source}; usable {plan.usable_bytes.source}")
     nodes, per_node = int(f["nodes"].value), int(f["chips_per_node"].value)
     if nodes > 1:

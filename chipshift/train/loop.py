@@ -253,7 +253,7 @@ class Trainer:
     def _check_memory(self, model_cfg: ModelConfig) -> None:
         est = training_memory(model_cfg, self.micro, self.cfg.data.seq_len, self.dtype in HALF,
                               self.attn_impl, self.cfg.run.activation_checkpointing,
-                              self.world.size if self.sharded else 1)
+                              self.world.size if self.sharded else 1, master=self.precision == "master")
         states = est.total - est.activations
         have = self.device.total_memory()
         if est.total > 0.9 * have:
