@@ -46,10 +46,10 @@ def tiny_tokenizer_dir(tmp_path_factory):
 
 # `any_class` marks a test whose outcome cannot depend on the CPU class because nothing in it
 # asks the precision policy, the only place the class is decided and where .ci/run's pins act.
-# CI's pinned passes skip such tests, and this guard holds the mark to its word: inside the test
-# a new policy raises, a process it starts fails on the pins' values if it reads one, and the
-# fixtures it uses are its own or, of those shared across tests, ones that build no model:
-# text, tokenizers, the wheel's environment.
+# CI's pinned passes skip such tests, and this guard holds the mark to its word (tested in
+# test_ci_marks.py): inside the test, making or asking a policy raises; a process it starts
+# fails on the pins' values if it reads one; and the fixtures it uses are its own or, of those
+# shared across tests, ones that build no model (text, tokenizers, the wheel's environment).
 POLICY_PINS = ("CHIPSHIFT_HALF", "CHIPSHIFT_FP32_GEMM", "CHIPSHIFT_CPU_KERNELS")
 MODEL_FREE_FIXTURES = {"tmp_path_factory", "tiny_tokenizer_dir", "sample_corpora", "small_tok", "tok_dir", "venv"}
 
@@ -67,7 +67,7 @@ def _any_class_asks_no_policy(request, monkeypatch):
               if defs[-1].scope != "function"} - MODEL_FREE_FIXTURES
     assert not shared, f"{request.node.nodeid} is marked any_class but uses shared fixtures {sorted(shared)}"
 
-    def refuse(self, device):
+    def refuse(self, *args):  # making a policy, or asking one made earlier anything
         raise AssertionError(f"{request.node.nodeid} is marked any_class but asked the precision policy")
 
     poison = dict.fromkeys(POLICY_PINS, "marked-any-class")
@@ -77,6 +77,7 @@ def _any_class_asks_no_policy(request, monkeypatch):
         popen_init(self, *args, env=None if env is None else {**env, **poison}, **kwargs)
 
     monkeypatch.setattr(PrecisionPolicy, "__init__", refuse)
+    monkeypatch.setattr(PrecisionPolicy, "__getattribute__", refuse)
     monkeypatch.setattr(subprocess.Popen, "__init__", popen_poisoned)
     for var, value in poison.items():
         monkeypatch.setenv(var, value)
