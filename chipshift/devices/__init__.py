@@ -379,6 +379,7 @@ class Device:
         if self.chip is not None:
             return self.chip.peak_flops(dtype_name(dtype)), f"catalogue: {self.chip.key} ({self.chip.status})"
         key = f"{self}:{dtype}:{torch.get_num_threads()}"
+        onednn_too = self.is_cpu and dtype == torch.float32  # oneDNN's GEMM, where faster (kernels.onednn)
         if key not in _CPU_PEAK_CACHE:
             half = dtype in HALF
             n = (256 if half else 1024) if self.is_cpu else 4096  # emulated half is slow: start small
@@ -387,10 +388,10 @@ class Device:
                 # native half (AVX512-BF16, AMX): 256 x 256 leaves it below its ceiling (AMX
                 # bf16 measured 0.9 against 1.4 TFLOP/s at 1024), which would overstate MFU
                 flops = max(flops, measure_matmul_flops(self.torch_device, dtype, n=1024, sync=self.synchronize))
-            if self.is_cpu and dtype == torch.float32:  # oneDNN's GEMM, where it is faster (kernels.onednn)
+            if onednn_too:
                 flops = max(flops, cpu_fp32_onednn_flops(n, seconds=0.15))
             _CPU_PEAK_CACHE[key] = flops
-        both = " (torch's and oneDNN's GEMMs, the faster)" if self.is_cpu and dtype == torch.float32 else ""
+        both = " (torch's and oneDNN's GEMMs, the faster)" if onednn_too else ""
         return _CPU_PEAK_CACHE[key], f"measured: {dtype_name(dtype)} matmul probe{both}"
 
 

@@ -182,13 +182,13 @@ def smallest_count(n_params: float, cfg: ModelConfig, usable_bytes: float, strat
 
 
 def training_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, half: bool, attn_impl: str,
-                    checkpointing: bool = False, shards: int = 1, master: bool | None = None) -> MemoryPerChip:
+                    checkpointing: bool = False, shards: int = 1, master: bool = True) -> MemoryPerChip:
     """Bytes one process of chipshift's training loop needs for a step.
 
     `half`: activations in bfloat16 or float16. Half-precision parameters with float32 master
     weights and float32 parameters under autocast both keep 16 bytes of state per parameter,
-    as the bf16-mixed recipe does; `master` (default: `half`) says which, for the master-weight
-    step's float32 gradients. `attn_impl`: the model's attention; "math" keeps the softmax
+    as the bf16-mixed recipe does; `master` says which, for the master-weight step's float32
+    gradients. `attn_impl`: the model's attention; "math" keeps the softmax
     probabilities, the fused kernels only their log-sum-exp. `shards` > 1: FSDP over that many
     processes.
     """
@@ -196,4 +196,4 @@ def training_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, half: bool
     strategy = "fsdp" if shards > 1 else "ddp"
     m = memory_per_chip(cfg.num_params(), cfg, shards, strategy, checkpointing, precision, micro_batch,
                         seq_len, "math" if attn_impl == "math" else "flash")
-    return m if master is None or master else replace(m, master_step=0.0)
+    return m if master else replace(m, master_step=0.0)

@@ -314,6 +314,7 @@ class Transformer(nn.Module):
         self.attn_impl = "sdpa"  # or "math", "sdpa_float32"; a runtime choice, not part of the checkpoint
         self.kv_cache_dtype = None  # for the inference engine: None = the weights' dtype
         self.activation_checkpointing = False
+        self.head_gemms = None  # the training loss's output-projection GEMMs (use_linear_kernel)
 
     # -- weights -----------------------------------------------------------------------
     @torch.no_grad()

@@ -210,9 +210,9 @@ class Trainer:
 
     @staticmethod
     def _use_fp32_gemm(model: Transformer, choice: str) -> None:
-        from chipshift.devices.kernels import onednn
-
         if choice == "onednn":
+            from chipshift.devices.kernels import onednn
+
             model.use_linear_kernel(onednn.linear, (onednn.mm_nt, onednn.mm_nn))
         else:
             model.use_linear_kernel(None)

@@ -176,5 +176,5 @@ class LanguageModeling:
         compute = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
             else model.output_weight.dtype
         loss = chunked_cross_entropy(hidden, model.output_weight, batch["labels"], self.chunk_rows, compute,
-                                     self.workspace, getattr(model, "head_gemms", None))
+                                     self.workspace, model.head_gemms)
         return loss, {}

@@ -185,7 +185,7 @@ class SFT:
         valid = batch["labels"] != IGNORE_INDEX
         loss = chunked_cross_entropy(hidden[valid], model.output_weight, batch["labels"][valid],
                                      self.chunk_rows, _compute_dtype(model, hidden), self.workspace,
-                                     getattr(model, "head_gemms", None))
+                                     model.head_gemms)
         return loss, {}
 
     def tokens(self, batch) -> int:
